@@ -1,2 +1,124 @@
-def main() -> None:
-    pass
+"""`drseg <verb>`: one verb per pipeline step, plus `run` for the whole pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from drseg.config import Settings, SettingsError, load_settings, settings_as_yaml
+
+EPILOG = """\
+settings: defaults < YAML file (--config or DRSEG_CONFIG) < DRSEG_<SECTION>__<FIELD> variables,
+e.g. DRSEG_INGEST__WORKING_WIDTH=2048. `drseg config show` prints the effective settings.
+"""
+
+
+def _synth(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.data.synthetic import write_synthetic_dataset
+
+    synth = settings.synth
+    ids = write_synthetic_dataset(
+        args.out,
+        args.n or synth.n,
+        synth.seed if args.seed is None else args.seed,
+        args.width or synth.width,
+        args.layout or synth.layout,
+    )
+    print(f"wrote {len(ids)} synthetic photographs with masks to {args.out}")
+
+
+def _ingest(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.data.ingest import format_summary, ingest
+
+    overrides = {k: v for k, v in (("layout", args.layout), ("working_width", args.width)) if v}
+    ingest_settings = settings.ingest.model_copy(update=overrides)
+    result = ingest(args.source, args.out, ingest_settings, settings.storage)
+    print(format_summary(result.summary))
+    for problem in result.quarantined:
+        print(f"quarantined {problem.path}: {problem.problem} -> {problem.fix}", file=sys.stderr)
+    print(f"dataset written to {args.out}")
+
+
+def _clahe(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.data.enhance import clahe_dataset
+
+    manifest = clahe_dataset(args.dataset, args.out, settings.clahe)
+    print(f"{len(manifest.records)} photographs -> {args.out} (hash {manifest.dataset_hash[:16]})")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.run import format_run_summary, run_pipeline
+
+    run = run_pipeline(settings, args.source, verbose=args.verbose)
+    summary = json.loads((run / "summary.json").read_text())
+    print(format_run_summary(summary, run))
+    if summary["status"] != "succeeded":
+        raise SystemExit(1)
+
+
+def _config_show(args: argparse.Namespace, settings: Settings) -> None:
+    print(settings_as_yaml(settings), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="drseg",
+        description="Retraining pipeline for diabetic-retinopathy lesion segmentation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML settings file")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, handler: Callable[..., None], help_text: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = verb("run", _run, "run the whole pipeline locally (kfp.local); synthetic data by default")
+    run.add_argument(
+        "--source", help="folder or s3:// prefix to train on instead of synthetic data"
+    )
+    run.add_argument("--verbose", action="store_true", help="stream every task's log")
+
+    synth = verb("synth", _synth, "generate synthetic fundus photographs with exact masks")
+    synth.add_argument("--n", type=int, help="number of photographs (default: synth.n)")
+    synth.add_argument("--seed", type=int, help="random seed (default: synth.seed)")
+    synth.add_argument("--width", type=int, help="image width in pixels (default: synth.width)")
+    synth.add_argument("--layout", choices=["idrid", "generic"], help="folder layout to write")
+    synth.add_argument("--out", type=Path, required=True, help="output folder")
+
+    ingest = verb("ingest", _ingest, "validate, resize and split a source into a dataset")
+    ingest.add_argument("--source", required=True, help="folder or s3://bucket/prefix")
+    ingest.add_argument("--out", type=Path, required=True, help="new dataset folder")
+    ingest.add_argument(
+        "--layout", choices=["auto", "idrid", "generic", "unlabelled"], help="source layout"
+    )
+    ingest.add_argument("--width", type=int, help="working width (default: ingest.working_width)")
+
+    clahe = verb("clahe", _clahe, "CLAHE inside the field of view of every photograph")
+    clahe.add_argument("--dataset", type=Path, required=True, help="dataset folder (from ingest)")
+    clahe.add_argument("--out", type=Path, required=True, help="new dataset folder")
+
+    config = verb("config", lambda *_: config.print_help(), "settings")
+    config_verbs = config.add_subparsers(dest="config_verb", metavar="ACTION")
+    show = config_verbs.add_parser("show", help="print the effective settings (secrets masked)")
+    show.set_defaults(handler=_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from drseg.data.dataset import DatasetError
+    from drseg.data.ingest import IngestError
+    from drseg.data.storage import StorageError
+
+    try:
+        settings = load_settings(args.config)
+        args.handler(args, settings)
+    except (SettingsError, IngestError, StorageError, DatasetError, FileExistsError) as exc:
+        print(f"drseg {args.verb}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc

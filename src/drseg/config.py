@@ -118,7 +118,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(
+    path: Path | str | None = None, environ: dict[str, str] | None = None
+) -> Settings:
     """Defaults, then the YAML file, then environment overrides."""
     environ = dict(os.environ if environ is None else environ)
     path = path or environ.get("DRSEG_CONFIG")

@@ -1,0 +1,44 @@
+"""Ordered parallel map over a process pool, with a progress bar.
+
+Image stages are CPU-bound per record, so processes (not threads) and one OpenCV thread
+per process: N processes x N OpenCV threads would oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+import cv2
+from tqdm import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _single_threaded_cv2() -> None:
+    cv2.setNumThreads(1)
+
+
+def parallel_map(
+    fn: Callable[[T], R], items: list[T], workers: int | None, desc: str
+) -> Iterator[R]:
+    """Ordered map over a process pool with a progress bar; one process runs inline."""
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=None)
+    try:
+        if workers == 1 or len(items) <= 1:
+            results: Iterable[R] = map(fn, items)
+            for result in results:
+                bar.update()
+                yield result
+            return
+        with ProcessPoolExecutor(workers, initializer=_single_threaded_cv2) as pool:
+            for result in pool.map(fn, items, chunksize=1):
+                bar.update()
+                yield result
+    finally:
+        bar.close()

@@ -141,7 +141,10 @@ def load_settings(
         return Settings.model_validate(data)
     except ValidationError as exc:
         source = f"{path} and DRSEG_* variables" if path else "DRSEG_* variables"
-        raise SettingsError(f"invalid settings from {source}:\n{exc}") from exc
+        problems = "\n".join(
+            f"  {'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise SettingsError(f"invalid settings from {source}:\n{problems}") from exc
 
 
 def settings_as_yaml(settings: Settings) -> str:

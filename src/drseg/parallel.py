@@ -1,11 +1,14 @@
 """Ordered parallel map over a process pool, with a progress bar.
 
 Image stages are CPU-bound per record, so processes (not threads) and one OpenCV thread
-per process: N processes x N OpenCV threads would oversubscribe the cores.
+per process: N processes x N OpenCV threads would oversubscribe the cores. Workers start
+from a fork server, never by forking the caller: a fork of a process whose OpenCV thread
+pool has run deadlocks in the child.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +39,10 @@ def parallel_map(
                 bar.update()
                 yield result
             return
-        with ProcessPoolExecutor(workers, initializer=_single_threaded_cv2) as pool:
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_single_threaded_cv2
+        ) as pool:
             for result in pool.map(fn, items, chunksize=1):
                 bar.update()
                 yield result

@@ -1,0 +1,36 @@
+"""Shared fixtures: small synthetic datasets (generated, never copied from IDRiD)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from drseg.data.synthetic import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+IDRID = Path(os.environ.get("DRSEG_IDRID_DIR", REPO.parent / "shared" / "data" / "idrid"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_generic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six 256-px photographs in the generic layout. Read-only: copy before changing."""
+    out = tmp_path_factory.mktemp("synthetic") / "generic"
+    write_synthetic_dataset(out, n=6, seed=7, width=256, layout="generic")
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_idrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 256-px photographs in IDRiD's own folder layout."""
+    out = tmp_path_factory.mktemp("synthetic") / "idrid"
+    write_synthetic_dataset(out, n=4, seed=3, width=256, layout="idrid")
+    return out
+
+
+@pytest.fixture(scope="session")
+def idrid_dir() -> Path:
+    if not (IDRID / "A. Segmentation").is_dir():
+        pytest.skip(f"IDRiD not found at {IDRID} (set DRSEG_IDRID_DIR to its folder)")
+    return IDRID

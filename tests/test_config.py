@@ -14,7 +14,9 @@ def test_defaults_need_no_file() -> None:
 
 def test_yaml_then_environment_override(tmp_path: Path) -> None:
     config = tmp_path / "drseg.yaml"
-    config.write_text("ingest:\n  working_width: 2048\n  val_fraction: 0.3\nclahe:\n  tile_grid: 4\n")
+    config.write_text(
+        "ingest:\n  working_width: 2048\n  val_fraction: 0.3\nclahe:\n  tile_grid: 4\n"
+    )
     settings = load_settings(
         config, environ={"DRSEG_INGEST__WORKING_WIDTH": "512", "DRSEG_HOME": "/tmp/x"}
     )

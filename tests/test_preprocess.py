@@ -41,7 +41,7 @@ def test_fov_is_the_bright_disc() -> None:
 
 
 def test_fov_fills_dark_lesions_inside() -> None:
-    image, disc = _disc_photograph()
+    image, _ = _disc_photograph()
     image[100:110, 100:110] = 0  # a black blot inside the field of view is not background
     assert fov_mask(image)[100:110, 100:110].all()
 

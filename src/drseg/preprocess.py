@@ -32,27 +32,45 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Area averaging then a 0.5 threshold keeps lesion area unbiased. Nearest-neighbour would
     sample one source pixel per output pixel and keep or drop a 2-pixel microaneurysm by
-    where the sampling grid happens to fall.
+    where the sampling grid happens to fall. Coverage is averaged in uint8 (0..255), first
+    by the largest whole factor (OpenCV's fast path), then to the exact size.
     """
-    if (mask.shape[1], mask.shape[0]) == size:
+    height, width = mask.shape
+    if (width, height) == size:
         return mask.astype(bool, copy=False)
-    coverage = resize_image(mask.astype(np.float32), size)
-    return np.asarray(coverage >= 0.5)
+    coverage = np.multiply(mask.astype(bool, copy=False).view(np.uint8), 255, dtype=np.uint8)
+    factor = min(width // size[0], height // size[1])
+    if factor >= 2:
+        coverage = cv2.resize(
+            coverage, (width // factor, height // factor), interpolation=cv2.INTER_AREA
+        )
+    return np.asarray(resize_image(coverage, size) >= 128)
+
+
+FOV_WORK_WIDTH = 512
+"""The field of view is a smooth disc: finding it at 512 px wide and scaling the result up
+is ~4-16x cheaper than at the working width and moves its edge by under a pixel or two."""
 
 
 def fov_mask(image: np.ndarray) -> np.ndarray:
     """The field of view: the largest bright connected region, holes filled."""
-    bright = (image.max(axis=2) > FOV_THRESHOLD).astype(np.uint8)
-    bright = cv2.morphologyEx(bright, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    height, width = image.shape[:2]
+    small = image
+    if width > FOV_WORK_WIDTH:
+        small = resize_image(image, working_size(width, height, FOV_WORK_WIDTH))
+    bright = (small.max(axis=2) > FOV_THRESHOLD).astype(np.uint8)
+    bright = cv2.morphologyEx(bright, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(bright, connectivity=8)
     if count <= 1:
-        return np.zeros(image.shape[:2], dtype=bool)
+        return np.zeros((height, width), dtype=bool)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     region = (labels == largest).astype(np.uint8)
     contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     filled = np.zeros_like(region)
-    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-    return filled.astype(bool)
+    cv2.drawContours(filled, contours, -1, (255,), thickness=cv2.FILLED)
+    if filled.shape != (height, width):
+        filled = cv2.resize(filled, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(filled >= 128)
 
 
 def clahe(image: np.ndarray, fov: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarray:

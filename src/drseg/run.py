@@ -13,6 +13,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,8 @@ def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = 
             }
         )
 
+    # kfp warns that our runtime image may differ from this venv; locally it is this venv.
+    warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(run / "kfp"),

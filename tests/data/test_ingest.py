@@ -202,7 +202,7 @@ def test_hash_depends_on_content_and_parameters_only(source: Path, tmp_path: Pat
     assert ingest(source, tmp_path / "c", wider).manifest.dataset_hash != first
     mask = dataset.read_mask(source / "masks/OD/synth_0002.png")
     mask[0, 0] = ~mask[0, 0]
-    dataset.write_png(source / "masks/OD/synth_0002.png", mask)
+    dataset.write_mask(source / "masks/OD/synth_0002.png", mask)
     assert ingest(source, tmp_path / "d", SETTINGS).manifest.dataset_hash != first
 
 

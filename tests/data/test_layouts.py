@@ -62,7 +62,10 @@ def test_generic_orphan_mask_and_duplicate_id_are_problems() -> None:
 def test_generic_valid_records_survive_next_to_bad_ones() -> None:
     keys = ["images/a.png", "images/c.png", "masks/HE/c.png", "masks/XX/c.png", "masks/MA/z.png"]
     listing = read_generic(keys, CLASSES)
-    assert [(r.id, r.masks) for r in listing.records] == [("a", {}), ("c", {"HE": "masks/HE/c.png"})]
+    assert [(r.id, r.masks) for r in listing.records] == [
+        ("a", {}),
+        ("c", {"HE": "masks/HE/c.png"}),
+    ]
     assert [p.id for p in listing.problems] == ["z"]
     assert listing.ignored == ["masks/XX/c.png"]
 

@@ -1,7 +1,7 @@
 """The dataset artifact that ingest writes and every later stage reads.
 
 A dataset folder holds:
-  images/<id>.png          RGB at the working width
+  images/<id>.tif          RGB at the working width, uncompressed TIFF
   masks/<CLASS>/<id>.png   0/255, only for classes whose source had a mask file
   fov/<id>.png             0/255 field of view
   manifest.json            per record: id, source, sha256, sizes, masks, split, notes
@@ -73,7 +73,7 @@ class DatasetError(ValueError):
 
 
 def image_path(root: Path, record_id: str) -> Path:
-    return root / "images" / f"{record_id}.png"
+    return root / "images" / f"{record_id}.tif"
 
 
 def mask_path(root: Path, cls: str, record_id: str) -> Path:
@@ -112,21 +112,28 @@ def derived_hash(parent_hash: str, stage: str, params: dict[str, Any]) -> str:
     )
 
 
-# Level 1: PNG at its fastest setting is ~5x quicker to write than the default and only
-# ~10% larger for photographs; masks compress to almost nothing at any level.
+# Photographs are written as uncompressed TIFF: ~10x faster to write and read than even the
+# fastest PNG setting (4 ms vs 50 ms at 1024x680), at 2 MB instead of 0.8 MB; image stages
+# are otherwise dominated by encoding. Masks compress to almost nothing, so they are PNG.
+_TIFF_PARAMS = [cv2.IMWRITE_TIFF_COMPRESSION, 1]
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
-    """Atomically write an RGB image or a bool mask (as 0/255)."""
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", array, _PNG_PARAMS)
+def _encode(path: Path, array: np.ndarray, params: list[int]) -> None:
+    ok, encoded = cv2.imencode(path.suffix, array, params)
     if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
+        raise OSError(f"{path}: encoding failed")
     atomic.write_bytes(path, encoded.tobytes())
+
+
+def write_image(path: Path, rgb: np.ndarray) -> None:
+    """Atomically write an RGB photograph."""
+    _encode(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _TIFF_PARAMS)
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    """Atomically write a bool mask as a 0/255 PNG."""
+    _encode(path, mask.astype(np.uint8) * 255, _PNG_PARAMS)
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -41,7 +41,7 @@ def _clahe_record(task: _Task) -> None:
     fov = dataset.read_mask(fov_file)
     image = dataset.read_rgb(dataset.image_path(task.src, task.record_id))
     out = clahe(image, fov, task.settings.clip_limit, task.settings.tile_grid)
-    dataset.write_png(dataset.image_path(task.dst, task.record_id), out)
+    dataset.write_image(dataset.image_path(task.dst, task.record_id), out)
     _link_or_copy(fov_file, dataset.fov_path(task.dst, task.record_id))
     for cls in task.masks:
         _link_or_copy(

@@ -97,11 +97,11 @@ def _ingest_record(task: _Task) -> RecordEntry | list[Problem]:
         return _reject(record, storage, exc.problem)
 
     root = task.root
-    dataset.write_png(dataset.image_path(root, record.id), image)
-    dataset.write_png(dataset.fov_path(root, record.id), fov)
+    dataset.write_image(dataset.image_path(root, record.id), image)
+    dataset.write_mask(dataset.fov_path(root, record.id), fov)
     entries: dict[str, MaskEntry] = {}
     for cls, (source, mask_bytes, mask) in masks.items():
-        dataset.write_png(dataset.mask_path(root, cls, record.id), mask)
+        dataset.write_mask(dataset.mask_path(root, cls, record.id), mask)
         entries[cls] = MaskEntry(
             source=source, sha256=dataset.sha256(mask_bytes), pixels=int(mask.sum())
         )

@@ -173,8 +173,9 @@ def decode_mask(
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.mode in ("RGBA", "LA", "PA"):
-                im = im.convert("RGB" if im.mode == "RGBA" else "L")
-            array = np.asarray(im)
+                array = np.asarray(im.convert("RGB" if im.mode == "RGBA" else "L"))
+            else:
+                array = np.asarray(im)
     except Exception as exc:
         raise Rejected(
             Problem(
@@ -188,13 +189,15 @@ def decode_mask(
         array = array.max(axis=2)
     if array.dtype == np.bool_:
         return np.asarray(array)
-    flat = array.ravel()
     if array.dtype in (np.uint8, np.uint16):
-        values = np.flatnonzero(np.bincount(flat, minlength=2))
+        high = int(array.max())
+        inside = cv2.inRange(array, np.array([1]), np.array([high - 1])) if high > 1 else None
+        between = 0 if inside is None else cv2.countNonZero(inside)
     else:
-        values = np.unique(flat)
-    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
-        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        between = int(np.count_nonzero((array != 0) & (array != array.max())))
+    if between or array.min() < 0:
+        values = np.unique(array)
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
         raise Rejected(
             Problem(
                 record_id,

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 run: setup
-	$(BIN)/drseg run
+	$(BIN)/drseg --config configs/local.yaml run
 
 test: setup
 	$(BIN)/pytest

@@ -49,6 +49,48 @@ def _clahe(args: argparse.Namespace, settings: Settings) -> None:
     print(f"{len(manifest.records)} photographs -> {args.out} (hash {manifest.dataset_hash[:16]})")
 
 
+def _pipeline_run_id() -> str:
+    """Outside a pipeline, each command is its own "pipeline run" in MLflow."""
+    import secrets
+
+    return f"cli-{secrets.token_hex(4)}"
+
+
+def _finetune(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.steps import finetune_step
+
+    figures = finetune_step(
+        args.dataset,
+        args.out,
+        settings.model,
+        settings.finetune,
+        settings.tracking,
+        settings.home,
+        _pipeline_run_id(),
+    )
+    print(
+        f"{figures['steps']} steps, final loss {figures['final_loss']:.4f}, "
+        f"{figures['images_per_second']:.1f} img/s; model in {args.out}"
+    )
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.steps import evaluate_step
+
+    outcome = evaluate_step(
+        args.model,
+        args.dataset,
+        args.out,
+        settings.evaluate,
+        settings.tracking,
+        settings.home,
+        _pipeline_run_id(),
+        split=args.split,
+    )
+    print(outcome.report.read_text())
+    print(f"metrics, plots and overlays in {args.out}")
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.run import format_run_summary, run_pipeline
 
@@ -102,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     clahe = verb("clahe", _clahe, "CLAHE inside the field of view of every photograph")
     clahe.add_argument("--dataset", type=Path, required=True, help="dataset folder (from ingest)")
     clahe.add_argument("--out", type=Path, required=True, help="new dataset folder")
+
+    finetune = verb("finetune", _finetune, "train the multi-task U-Net on a dataset's train split")
+    finetune.add_argument("--dataset", type=Path, required=True, help="dataset folder (clahe)")
+    finetune.add_argument(
+        "--out", type=Path, required=True, help="model folder; rerun to resume from it"
+    )
+
+    evaluate = verb("evaluate", _evaluate, "tiled inference, metrics and plots on a split")
+    evaluate.add_argument("--model", type=Path, required=True, help="model folder (finetune)")
+    evaluate.add_argument("--dataset", type=Path, required=True, help="dataset folder (clahe)")
+    evaluate.add_argument("--out", type=Path, required=True, help="output folder")
+    evaluate.add_argument("--split", choices=["val", "train"], default="val")
 
     config = verb("config", lambda *_: config.print_help(), "settings")
     config_verbs = config.add_subparsers(dest="config_verb", metavar="ACTION")

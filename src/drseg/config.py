@@ -70,6 +70,60 @@ class SynthSettings(Section):
     layout: Literal["idrid", "generic"] = "generic"
 
 
+class ModelSettings(Section):
+    encoder: str = "resnet34"
+    """Any segmentation-models-pytorch encoder; built with encoder_weights=None (no downloads)."""
+    classes: tuple[str, ...] = LESION_CLASSES
+    reconstruction_weight: float = Field(0.1, ge=0.0)
+    """Weight of the reconstruction loss; 0 turns the reconstruction head off."""
+
+
+class FinetuneSettings(Section):
+    patch_size: int = Field(512, ge=32)
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(2000, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    foreground_fraction: float = Field(0.6, ge=0.0, le=1.0)
+    """Share of patches centred on a lesion pixel; the rest are uniform inside the FOV."""
+    class_sampling: tuple[float, ...] = (0.35, 0.25, 0.2, 0.2)
+    """Per lesion class (model.classes order): how often a foreground patch centres on it.
+    Rare classes (MA, SE) get more than their pixel share, or they are barely seen."""
+    class_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    """Per-class weight of the Dice + BCE loss."""
+    reconstruction_loss: Literal["l1", "mse"] = "l1"
+    reconstruction_input: Literal["clean", "noised", "masked"] = "masked"
+    checkpoint_every: int = Field(200, ge=1)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    """auto: bf16-mixed on GPU, 32-true on CPU."""
+    strategy: str = "auto"
+    """Lightning strategy; "ddp" for several GPUs."""
+    devices: int | str = "auto"
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    encoder_init: Path | None = None
+    """Encoder weights file (from the pretrain stage); None starts from random weights."""
+
+
+class EvaluateSettings(Section):
+    tile_size: int = Field(512, ge=32)
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    tta_flips: bool = True
+    batch_size: int = Field(4, ge=1)
+    default_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    overlays: int = Field(4, ge=0)
+    """Validation photographs drawn with prediction and ground truth."""
+
+
+class TrackingSettings(Section):
+    uri: str | None = None
+    """MLflow tracking URI; None means a SQLite file in the workspace (<home>/mlflow.db)."""
+    experiment: str = "drseg"
+    enabled: bool = True
+
+
 class Settings(Section):
     home: Path = Path(".drseg")
     """Workspace for local runs; DRSEG_HOME overrides it."""
@@ -77,6 +131,10 @@ class Settings(Section):
     synth: SynthSettings = SynthSettings()
     ingest: IngestSettings = IngestSettings()
     clahe: ClaheSettings = ClaheSettings()
+    model: ModelSettings = ModelSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
 
 class SettingsError(ValueError):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+import os
 import re
 import sys
 import time
@@ -78,17 +80,13 @@ def _captured(log_path: Path, verbose: bool) -> Iterator[_TaskLog]:
 
 def pipeline_arguments(settings: Settings, source: str) -> dict[str, Any]:
     """Settings -> the pipeline's parameters (names as in pipelines/training.py)."""
-    ingest, clahe = settings.ingest, settings.clahe
     return {
         "source": source,
-        "layout": ingest.layout,
-        "working_width": ingest.working_width,
-        "classes": list(ingest.classes),
-        "val_fraction": ingest.val_fraction,
-        "split_seed": ingest.split_seed,
-        "min_records": ingest.min_records,
-        "clip_limit": clahe.clip_limit,
-        "tile_grid": clahe.tile_grid,
+        "ingest_config": settings.ingest.model_dump_json(),
+        "clahe_config": settings.clahe.model_dump_json(),
+        "model_config": settings.model.model_dump_json(),
+        "finetune_config": settings.finetune.model_dump_json(),
+        "evaluate_config": settings.evaluate.model_dump_json(),
     }
 
 
@@ -110,7 +108,10 @@ def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = 
     from kfp import local
     from pipelines.training import training
 
-    run = paths.new_run_dir(settings.home)
+    home = Path(settings.home).resolve()
+    # Components run as subprocesses and read their settings from the environment.
+    os.environ["DRSEG_HOME"] = str(home)
+    run = paths.new_run_dir(home)
     print(f"run folder: {run}")
     steps: list[dict[str, Any]] = []
     if source is None:
@@ -159,6 +160,27 @@ def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = 
     return run
 
 
+def format_metrics(scalars: dict[str, float]) -> str:
+    """Per-lesion table from flattened metrics ({"MA.aupr": ..., "merged.dice": ...})."""
+    classes = sorted({k.split(".")[0] for k in scalars} - {"merged"}, key=_class_order)
+    rows = [f"{'class':<6} {'AUPR':>6} {'Dice':>6} {'IoU':>6} {'thr':>5}"]
+    for cls in classes:
+        cells = [scalars.get(f"{cls}.{m}", float("nan")) for m in ("aupr", "dice", "iou")]
+        threshold = scalars.get(f"{cls}.threshold", float("nan"))
+        shown = " ".join("   n/a" if math.isnan(v) else f"{v:>6.3f}" for v in cells)
+        rows.append(f"{cls:<6} {shown} {threshold:>5.2f}")
+    rows.append("(n/a: no lesion of that class in the split)")
+    if "merged.dice" in scalars:
+        rows.append(f"any-lesion Dice {scalars['merged.dice']:.3f}")
+    return "\n".join(rows)
+
+
+def _class_order(cls: str) -> int:
+    from drseg.config import LESION_CLASSES
+
+    return LESION_CLASSES.index(cls) if cls in LESION_CLASSES else len(LESION_CLASSES)
+
+
 def format_run_summary(summary: dict[str, Any], run: Path) -> str:
     """What `drseg run` prints at the end: steps, the ingest table, where things are."""
     from drseg.data.ingest import format_summary
@@ -169,6 +191,13 @@ def format_run_summary(summary: dict[str, Any], run: Path) -> str:
     ingest = next((s for s in summary["steps"] if s["name"] == "ingest"), None)
     if ingest and "dataset" in ingest["outputs"]:
         lines += ["", "ingest", format_summary(ingest["outputs"]["dataset"]["metadata"])]
+    evaluate = next((s for s in summary["steps"] if s["name"] == "evaluate"), None)
+    if evaluate and "metrics" in evaluate["outputs"]:
+        lines += [
+            "",
+            "evaluate (validation split)",
+            format_metrics(evaluate["outputs"]["metrics"]["metadata"]),
+        ]
     lines.append("")
     for step in summary["steps"]:
         for name, value in step["outputs"].items():

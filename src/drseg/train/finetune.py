@@ -1,0 +1,300 @@
+"""The fine-tune stage: train the multi-task U-Net on a dataset's train split.
+
+One code path for the laptop and the cluster: Lightning picks the device, bf16 autocast on
+a GPU and fp32 on the CPU ("auto" precision), and the strategy is a setting ("ddp" for
+several GPUs). Checkpoints land in <out>/checkpoints every `checkpoint_every` steps; the
+same command run again resumes from <out>/checkpoints/last.ckpt, so a killed or pre-empted
+run loses at most `checkpoint_every` steps.
+
+Tracking is a callback (`log_metrics`), so this module needs only torch, Lightning,
+segmentation-models-pytorch and OpenCV: it never imports MLflow or kfp.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from drseg import atomic
+from drseg.config import FinetuneSettings, ModelSettings
+from drseg.models.unet import (
+    MultiTaskUNet,
+    build_model,
+    load_encoder,
+    load_matching_state,
+    read_weights_file,
+)
+from drseg.train.losses import LossParts, multitask_loss
+from drseg.train.patches import (
+    Patch,
+    PatchSampling,
+    PatchStream,
+    TrainImages,
+    class_probabilities,
+    load_train_split,
+)
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # the unified `lightning` distribution (as on the GPU machines)
+    import lightning.pytorch as pl  # type: ignore[no-redef]
+
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+LOG_EVERY = 10
+"""Steps between calls of `log_metrics` (the first and the last step are always logged)."""
+POLY_POWER = 0.9
+LAST_CHECKPOINT = "last.ckpt"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    checkpoint: Path
+    """The final Lightning checkpoint (<out>/checkpoints/last.ckpt)."""
+    weights: Path
+    """Plain state_dict of the MultiTaskUNet (<out>/model.pt), for evaluate and export."""
+    steps: int
+    """Global step reached, counting steps of the runs this one resumed."""
+    final_loss: float
+    seconds: float
+    """Wall time of this call's training loop."""
+    images_per_second: float
+    """Training patches per second in this call, over all devices."""
+
+
+def learning_rate_factor(
+    step: int, warmup_steps: int, max_steps: int, schedule: Literal["cosine", "poly"]
+) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based).
+
+    Linear warm-up from 1/warmup_steps to 1, then cosine or polynomial (power 0.9) decay
+    to 0 at max_steps.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(1, max_steps - warmup_steps), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return float((1.0 - progress) ** POLY_POWER)
+
+
+def resolve_precision(precision: str) -> str:
+    """ "auto" -> bf16-mixed where a GPU is available, else 32-true; others unchanged."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+class FinetuneModule(pl.LightningModule):
+    """Dice + BCE on the segmentation head, weighted reconstruction loss on the other."""
+
+    def __init__(
+        self,
+        model: MultiTaskUNet,
+        data: TrainImages,
+        model_settings: ModelSettings,
+        settings: FinetuneSettings,
+        log_metrics: MetricsLogger | None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.data = data
+        self.model_settings = model_settings
+        self.settings = settings
+        self.log_metrics = log_metrics
+        self.reconstructs = model.reconstruction_head is not None
+        self.last_loss = math.nan
+        self.steps_run = 0
+        self.seconds = 0.0
+        self._parts: LossParts | None = None
+        self._lr = 0.0
+        self._started = 0.0
+
+    def train_dataloader(self) -> DataLoader[Patch]:
+        settings = self.settings
+        sampling = PatchSampling(
+            patch_size=settings.patch_size,
+            foreground_fraction=settings.foreground_fraction,
+            class_probs=class_probabilities(self.data, settings.class_sampling),
+            reconstruction_input=settings.reconstruction_input if self.reconstructs else "clean",
+        )
+        # Called after a checkpoint is restored: seeding with the step makes a resumed run
+        # draw new patches instead of replaying the ones it saw before the checkpoint.
+        seed = (settings.seed, self.global_rank, self.global_step)
+        return DataLoader(
+            PatchStream(self.data, sampling, seed),
+            batch_size=settings.batch_size,
+            num_workers=settings.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=settings.num_workers > 0,
+        )
+
+    def configure_optimizers(self) -> Any:
+        settings = self.settings
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        factor = functools.partial(
+            learning_rate_factor,
+            warmup_steps=settings.warmup_steps,
+            max_steps=settings.max_steps,
+            schedule=settings.schedule,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def training_step(self, batch: Patch, batch_idx: int) -> Tensor:
+        image, masks, reconstruction_input = batch
+        size = image.shape[0]
+        corrupted = self.reconstructs and self.settings.reconstruction_input != "clean"
+        # One forward pass over the clean patches (segmentation) and, when the reconstruction
+        # input is corrupted, their corrupted copies (reconstruction): twice the batch.
+        inputs = torch.cat([image, reconstruction_input]) if corrupted else image
+        logits, reconstruction = self.model(inputs)
+        parts = multitask_loss(
+            logits[:size],
+            masks,
+            self.settings.class_weights,
+            reconstruction=None if reconstruction is None else reconstruction[-size:],
+            reconstruction_target=image,
+            reconstruction_weight=self.model_settings.reconstruction_weight,
+            reconstruction_kind=self.settings.reconstruction_loss,
+        )
+        self.log("loss", parts.loss, prog_bar=True)
+        self._parts = parts
+        self._lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return parts.loss
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            pl.utilities.rank_zero_info(
+                f"resuming from step {self.global_step} ({self.trainer.ckpt_path})"
+            )
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.steps_run += 1
+        step = self.global_step
+        if self._parts is None or not (
+            step % LOG_EVERY == 0 or self.steps_run == 1 or step == self.settings.max_steps
+        ):
+            return
+        if self.log_metrics is not None and self.trainer.is_global_zero:
+            self.log_metrics({**self._parts.as_floats(), "lr": self._lr}, step)
+
+    def on_train_end(self) -> None:
+        self.seconds = time.perf_counter() - self._started
+        if self._parts is not None:
+            self.last_loss = float(self._parts.loss.detach())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        loss = self.last_loss if self._parts is None else float(self._parts.loss.detach())
+        checkpoint["drseg"] = {"last_loss": loss}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.last_loss = float(checkpoint.get("drseg", {}).get("last_loss", math.nan))
+
+
+def _check_lengths(model: ModelSettings, settings: FinetuneSettings) -> None:
+    for name in ("class_sampling", "class_weights"):
+        values = getattr(settings, name)
+        if len(values) != len(model.classes):
+            raise ValueError(
+                f"finetune.{name} has {len(values)} values for {len(model.classes)} classes "
+                f"{model.classes}; give one value per class in model.classes order"
+            )
+
+
+def finetune(
+    dataset_dir: Path,
+    out_dir: Path,
+    model: ModelSettings,
+    settings: FinetuneSettings,
+    log_metrics: MetricsLogger | None = None,
+) -> FinetuneResult:
+    """Train (or resume training) and write <out>/checkpoints/last.ckpt and <out>/model.pt."""
+    _check_lengths(model, settings)
+    out_dir = Path(out_dir)
+    checkpoints = out_dir / "checkpoints"
+    last = checkpoints / LAST_CHECKPOINT
+    pl.seed_everything(settings.seed, verbose=False)
+    network = build_model(model)
+    if settings.encoder_init is not None:
+        load_encoder(network, settings.encoder_init)
+    module = FinetuneModule(
+        network, load_train_split(dataset_dir, model.classes), model, settings, log_metrics
+    )
+    trainer = pl.Trainer(
+        max_steps=settings.max_steps,
+        precision=resolve_precision(settings.precision),  # type: ignore[arg-type]
+        strategy=settings.strategy,
+        devices=settings.devices,
+        accelerator="auto",
+        logger=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+        callbacks=[
+            pl.callbacks.ModelCheckpoint(
+                dirpath=checkpoints,
+                every_n_train_steps=settings.checkpoint_every,
+                save_top_k=0,
+                save_last=True,
+                save_on_train_epoch_end=False,
+                enable_version_counter=False,
+            )
+        ],
+    )
+    trainer.fit(module, ckpt_path=last if last.is_file() else None)
+    if module.steps_run and trainer.global_step % settings.checkpoint_every:
+        # The final state, when the callback did not just save it: the same command run
+        # again then finds the run complete and trains nothing.
+        trainer.save_checkpoint(last, weights_only=False)
+    weights = out_dir / "model.pt"
+    if trainer.is_global_zero:
+        buffer = io.BytesIO()
+        torch.save(network.state_dict(), buffer)
+        atomic.write_bytes(weights, buffer.getvalue())
+    images = module.steps_run * settings.batch_size * trainer.world_size
+    images_per_second = images / module.seconds if module.seconds > 0 else 0.0
+    if log_metrics is not None and trainer.is_global_zero:
+        log_metrics(
+            {
+                "images_per_second": images_per_second,
+                "train_seconds": module.seconds,
+                "steps_run": float(module.steps_run),
+            },
+            trainer.global_step,
+        )
+    return FinetuneResult(
+        checkpoint=last,
+        weights=weights,
+        steps=trainer.global_step,
+        final_loss=module.last_loss,
+        seconds=module.seconds,
+        images_per_second=images_per_second,
+    )
+
+
+def load_trained_model(weights: Path, model: ModelSettings, device: str = "cpu") -> MultiTaskUNet:
+    """The network finetune wrote to `weights` (model.pt), in eval mode on `device`."""
+    network = build_model(model)
+    fix = "pass the model.pt of a finetune run made with the same model settings"
+    state = read_weights_file(weights, fix)
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights}: not a state_dict; {fix}")
+    load_matching_state(network, state, Path(weights), fix)
+    return network.to(device).eval()

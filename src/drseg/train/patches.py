@@ -1,0 +1,294 @@
+"""Training patches: the train split in memory, lesion-centred sampling, augmentation.
+
+Lesions are rare (DOMAIN.md: MA ~0.1% of pixels, SE in half of the photographs), so a
+uniformly placed patch rarely shows one. A share of the patches (`foreground_fraction`) is
+therefore centred on a lesion pixel of a class drawn by `class_sampling`, which gives the
+rare classes more than their pixel share; the rest are centred anywhere in the field of view.
+
+The augmentation functions are plain array/tensor functions with their random draws passed
+in or drawn from an explicit numpy Generator, so each is testable on its own. Photometric
+changes are multiplicative: they never shift hue, which carries lesion identity (red
+haemorrhages, yellow exudates). Worker processes run no OpenCV code (see parallel.py on why
+that matters for forked workers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from drseg.data import dataset
+from drseg.models.normalize import image_to_tensor
+
+log = logging.getLogger(__name__)
+
+ReconstructionInput = Literal["clean", "noised", "masked"]
+
+NOISE_SIGMA = 0.1
+"""Gaussian noise for the "noised" reconstruction input, in normalised (ImageNet std) units."""
+MASK_BLOCK = 32
+MASK_FRACTION = 0.25
+"""The "masked" reconstruction input zeroes this share of MASK_BLOCK-pixel blocks."""
+BRIGHTNESS = 0.1
+CONTRAST = 0.1
+CHANNEL_GAIN = 0.05
+"""Colour jitter ranges: factors are drawn uniformly in 1 +- these."""
+_FOV_TRIES = 64
+
+
+@dataclass(frozen=True)
+class TrainImages:
+    """The train split of a dataset folder, in memory.
+
+    Photographs are stored channels-first like the masks, so one geometric function moves
+    both. `lesion_pixels[c]` lists every lesion pixel of class c in the split as rows
+    (image index, y, x), so sampling a lesion pixel of a class is one random row.
+    """
+
+    ids: tuple[str, ...]
+    classes: tuple[str, ...]
+    images: tuple[np.ndarray, ...]
+    """(3, H, W) uint8 RGB."""
+    masks: tuple[np.ndarray, ...]
+    """(C, H, W) bool, in `classes` order; a class without a mask file is all False."""
+    fovs: tuple[np.ndarray, ...]
+    """(H, W) bool field of view."""
+    lesion_pixels: tuple[np.ndarray, ...]
+    """Per class, (N, 3) int32 rows (image index, y, x)."""
+
+
+def load_train_split(root: Path, classes: Sequence[str]) -> TrainImages:
+    """Read every record of split "train" in the dataset folder `root`."""
+    root = Path(root)
+    manifest = dataset.load_manifest(root)
+    records = [r for r in manifest.records if r.split == "train"]
+    if not records:
+        raise dataset.DatasetError(
+            f"{root}: the manifest has no record in split 'train'; re-run ingest with "
+            "ingest.val_fraction below 1"
+        )
+    images, masks, fovs = [], [], []
+    lesions: list[list[np.ndarray]] = [[] for _ in classes]
+    for index, record in enumerate(records):
+        rgb = dataset.read_rgb(dataset.image_path(root, record.id))
+        height, width = rgb.shape[:2]
+        stack = np.zeros((len(classes), height, width), dtype=bool)
+        for c, cls in enumerate(classes):
+            if cls in record.masks:
+                stack[c] = _same_size(
+                    dataset.read_mask(dataset.mask_path(root, cls, record.id)), rgb, root
+                )
+            ys, xs = np.nonzero(stack[c])
+            lesions[c].append(np.stack([np.full_like(ys, index), ys, xs], axis=1).astype(np.int32))
+        images.append(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        masks.append(stack)
+        fovs.append(_same_size(dataset.read_mask(dataset.fov_path(root, record.id)), rgb, root))
+    pixels = tuple(np.concatenate(per_image) for per_image in lesions)
+    absent = [cls for cls, rows in zip(classes, pixels, strict=True) if not len(rows)]
+    if absent:
+        log.warning("%s: no lesion pixel of %s in the train split", root, ", ".join(absent))
+    return TrainImages(
+        ids=tuple(r.id for r in records),
+        classes=tuple(classes),
+        images=tuple(images),
+        masks=tuple(masks),
+        fovs=tuple(fovs),
+        lesion_pixels=pixels,
+    )
+
+
+def _same_size(mask: np.ndarray, rgb: np.ndarray, root: Path) -> np.ndarray:
+    if mask.shape != rgb.shape[:2]:
+        raise dataset.DatasetError(
+            f"{root}: a mask of shape {mask.shape} belongs to a photograph of shape "
+            f"{rgb.shape[:2]}; the dataset is inconsistent, re-run ingest"
+        )
+    return mask
+
+
+def class_probabilities(data: TrainImages, class_sampling: Sequence[float]) -> np.ndarray:
+    """`class_sampling` renormalised over the classes that have lesion pixels; zeros if none."""
+    if len(class_sampling) != len(data.classes):
+        raise ValueError(
+            f"finetune.class_sampling has {len(class_sampling)} values for "
+            f"{len(data.classes)} classes {data.classes}; give one value per class"
+        )
+    present = np.array([len(rows) > 0 for rows in data.lesion_pixels])
+    weights = np.where(present, np.asarray(class_sampling, dtype=np.float64), 0.0)
+    if (weights < 0).any():
+        raise ValueError(f"finetune.class_sampling {tuple(class_sampling)} must be >= 0")
+    total = weights.sum()
+    return weights / total if total > 0 else weights
+
+
+class PatchCentre(NamedTuple):
+    image: int
+    y: int
+    x: int
+    cls: int | None
+    """Index of the class whose lesion pixel (y, x) is; None for a uniform FOV centre."""
+
+
+def choose_centre(
+    data: TrainImages, rng: np.random.Generator, foreground_fraction: float, probs: np.ndarray
+) -> PatchCentre:
+    """A lesion pixel (with probability `foreground_fraction`) or a field-of-view pixel."""
+    if probs.sum() > 0 and rng.random() < foreground_fraction:
+        cls = int(rng.choice(len(probs), p=probs))
+        rows = data.lesion_pixels[cls]
+        image, y, x = rows[rng.integers(len(rows))]
+        return PatchCentre(int(image), int(y), int(x), cls)
+    image = int(rng.integers(len(data.images)))
+    fov = data.fovs[image]
+    # Rejection sampling: the FOV covers about half the photograph. A photograph without
+    # FOV pixels ends up with a uniform centre.
+    for _ in range(_FOV_TRIES):
+        y, x = int(rng.integers(fov.shape[0])), int(rng.integers(fov.shape[1]))
+        if fov[y, x]:
+            break
+    return PatchCentre(image, y, x, None)
+
+
+def patch_origin(centre: int, length: int, size: int) -> int:
+    """First row (or column) of a `size` window centred on `centre`, kept inside 0..length."""
+    return min(max(centre - size // 2, 0), max(length - size, 0))
+
+
+def crop(array: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:
+    """(..., H, W) -> (..., size, size) window at (y0, x0), zero-padded where H or W < size."""
+    window = array[..., y0 : y0 + size, x0 : x0 + size]
+    pad = [(0, 0)] * (array.ndim - 2) + [(0, size - window.shape[-2]), (0, size - window.shape[-1])]
+    return np.pad(window, pad) if any(after for _, after in pad) else window
+
+
+def flip_rotate(array: np.ndarray, flip: bool, quarter_turns: int) -> np.ndarray:
+    """Mirror the last axis (if `flip`), then rotate the last two axes by 90 degrees k times.
+
+    The two together give all eight symmetries of a square patch.
+    """
+    if flip:
+        array = array[..., ::-1]
+    return np.ascontiguousarray(np.rot90(array, quarter_turns, axes=(-2, -1)))
+
+
+def jitter_colour(
+    image: np.ndarray, brightness: float, contrast: float, channel_gain: Sequence[float]
+) -> np.ndarray:
+    """(3, H, W) uint8 -> uint8 with brightness, contrast and per-channel gains applied.
+
+    Contrast stretches luminance around its mean over the non-black pixels (the FOV), and is
+    applied as a per-pixel gain on all three channels, so channel ratios (hue) stay as they
+    are; only the per-channel gains, kept small, change them. Black stays black.
+    """
+    rgb = image.astype(np.float32)
+    luminance = rgb.mean(axis=0)
+    lit = luminance > 0
+    mean = float(luminance[lit].mean()) if lit.any() else 0.0
+    stretched = np.maximum(mean + contrast * (luminance - mean), 0.0)
+    gain = np.divide(stretched, luminance, out=np.ones_like(luminance), where=lit) * brightness
+    gains = np.asarray(channel_gain, dtype=np.float32).reshape(3, 1, 1)
+    return np.clip(np.rint(rgb * gain * gains), 0, 255).astype(np.uint8)
+
+
+def random_colour_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """jitter_colour with factors drawn in 1 +- BRIGHTNESS, CONTRAST and CHANNEL_GAIN."""
+    return jitter_colour(
+        image,
+        brightness=float(rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)),
+        contrast=float(rng.uniform(1 - CONTRAST, 1 + CONTRAST)),
+        channel_gain=rng.uniform(1 - CHANNEL_GAIN, 1 + CHANNEL_GAIN, size=3).tolist(),
+    )
+
+
+def add_noise(image: Tensor, rng: np.random.Generator, sigma: float = NOISE_SIGMA) -> Tensor:
+    """Gaussian noise of std `sigma` (normalised units) added to a (3, H, W) tensor."""
+    noise = rng.standard_normal(tuple(image.shape), dtype=np.float32)
+    return image + sigma * torch.from_numpy(noise)
+
+
+def mask_blocks(
+    image: Tensor,
+    rng: np.random.Generator,
+    block: int = MASK_BLOCK,
+    fraction: float = MASK_FRACTION,
+) -> Tensor:
+    """Set a random `fraction` of `block`-pixel squares to 0 (the ImageNet mean colour)."""
+    height, width = image.shape[-2:]
+    grid = rng.random((-(-height // block), -(-width // block))) < fraction
+    keep = ~np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[:height, :width]
+    return image * torch.from_numpy(keep).to(image.dtype)
+
+
+def corrupt(image: Tensor, mode: ReconstructionInput, rng: np.random.Generator) -> Tensor:
+    """The reconstruction head's input for `mode`; the target is always `image` itself."""
+    if mode == "noised":
+        return add_noise(image, rng)
+    if mode == "masked":
+        return mask_blocks(image, rng)
+    return image
+
+
+class Patch(NamedTuple):
+    image: Tensor
+    """(3, P, P) normalised photograph patch (also the reconstruction target)."""
+    masks: Tensor
+    """(C, P, P) 0/1 float."""
+    reconstruction_input: Tensor
+    """(3, P, P): `image` itself for "clean", else its noised or masked copy."""
+
+
+@dataclass(frozen=True)
+class PatchSampling:
+    """What a patch stream needs from the fine-tune settings."""
+
+    patch_size: int
+    foreground_fraction: float
+    class_probs: np.ndarray
+    reconstruction_input: ReconstructionInput
+
+
+def sample_patch(data: TrainImages, rng: np.random.Generator, sampling: PatchSampling) -> Patch:
+    """One augmented training patch: centre, jittered crop, flips/rotations, colour, corruption."""
+    centre = choose_centre(data, rng, sampling.foreground_fraction, sampling.class_probs)
+    image, masks = data.images[centre.image], data.masks[centre.image]
+    size = sampling.patch_size
+    jitter = size // 8
+    y0 = patch_origin(centre.y + int(rng.integers(-jitter, jitter + 1)), image.shape[1], size)
+    x0 = patch_origin(centre.x + int(rng.integers(-jitter, jitter + 1)), image.shape[2], size)
+    flip, turns = bool(rng.integers(2)), int(rng.integers(4))
+    image_patch = flip_rotate(crop(image, y0, x0, size), flip, turns)
+    mask_patch = flip_rotate(crop(masks, y0, x0, size), flip, turns)
+    tensor = image_to_tensor(random_colour_jitter(image_patch, rng).transpose(1, 2, 0))
+    return Patch(
+        image=tensor,
+        masks=torch.from_numpy(mask_patch).float(),
+        reconstruction_input=corrupt(tensor, sampling.reconstruction_input, rng),
+    )
+
+
+class PatchStream(IterableDataset[Patch]):
+    """An endless stream of training patches.
+
+    Each DataLoader worker seeds its own generator from (seed..., worker id), so workers
+    never repeat each other's patches and a run is reproducible for a given seed.
+    """
+
+    def __init__(self, data: TrainImages, sampling: PatchSampling, seed: Sequence[int]) -> None:
+        super().__init__()
+        self.data = data
+        self.sampling = sampling
+        self.seed = tuple(seed)
+
+    def __iter__(self) -> Iterator[Patch]:
+        worker = get_worker_info()
+        rng = np.random.default_rng([*self.seed, worker.id if worker is not None else 0])
+        while True:
+            yield sample_patch(self.data, rng, self.sampling)

@@ -131,6 +131,8 @@ def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = 
 
     # kfp warns that our runtime image may differ from this venv; locally it is this venv.
     warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+    # GPU requests are for the cluster; kfp.local says it ignores them, which is expected.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(run / "kfp"),

@@ -102,10 +102,10 @@ def _sampling(data: TrainImages, **changes: object) -> PatchSampling:
 def test_loads_the_train_split_with_missing_masks_all_negative(data: TrainImages) -> None:
     assert data.ids == ("a", "b", "c")
     assert data.classes == LESION_CLASSES
-    assert data.images[0].shape == (3, H, W) and data.images[0].dtype == np.uint8
-    assert data.masks[0].shape == (4, H, W) and data.masks[0].dtype == bool
-    assert not data.masks[0][3].any(), "photograph a has no SE mask file: all negative"
-    assert [m.sum(axis=(1, 2)).tolist() for m in data.masks] == [
+    assert data.images[0].shape == (H, W, 3) and data.images[0].dtype == np.uint8
+    assert data.masks[0].shape == (H, W, 4) and data.masks[0].dtype == bool
+    assert not data.masks[0][..., 3].any(), "photograph a has no SE mask file: all negative"
+    assert [m.sum(axis=(0, 1)).tolist() for m in data.masks] == [
         [0, 9, 18, 0],
         [0, 9, 9, 9],
         [0, 0, 0, 0],
@@ -113,8 +113,8 @@ def test_loads_the_train_split_with_missing_masks_all_negative(data: TrainImages
     assert [len(rows) for rows in data.lesion_pixels] == [0, 18, 27, 9]
     for cls, rows in enumerate(data.lesion_pixels):
         for image, y, x in rows:
-            assert data.masks[image][cls, y, x]
-    assert data.images[1][1, 20, 64] == MARKER_GREEN  # the SE square of b
+            assert data.masks[image][y, x, cls]
+    assert data.images[1][20, 64, 1] == MARKER_GREEN  # the SE square of b
 
 
 def test_class_sampling_is_renormalised_over_present_classes(data: TrainImages) -> None:
@@ -131,7 +131,7 @@ def test_foreground_centres_are_lesion_pixels_of_the_chosen_class(data: TrainIma
     for _ in range(300):
         centre = choose_centre(data, rng, 1.0, probs)
         assert centre.cls is not None
-        assert data.masks[centre.image][centre.cls, centre.y, centre.x]
+        assert data.masks[centre.image][centre.y, centre.x, centre.cls]
 
 
 def test_rare_class_is_sampled_in_its_requested_share(data: TrainImages) -> None:
@@ -179,48 +179,48 @@ def test_window_stays_inside_and_pads_small_images() -> None:
     assert patch_origin(50, 100, 32) == 34
     assert patch_origin(98, 100, 32) == 68
     assert patch_origin(10, 20, 32) == 0
-    image = np.arange(2 * 20 * 30, dtype=np.int32).reshape(2, 20, 30) + 1
+    image = np.arange(20 * 30 * 2, dtype=np.int32).reshape(20, 30, 2) + 1
     window = crop(image, 0, 0, 32)
-    assert window.shape == (2, 32, 32)
-    assert np.array_equal(window[:, :20, :30], image)
-    assert not window[:, 20:].any() and not window[:, :, 30:].any()
-    assert np.array_equal(crop(image, 4, 6, 8), image[:, 4:12, 6:14])
+    assert window.shape == (32, 32, 2)
+    assert np.array_equal(window[:20, :30], image)
+    assert not window[20:].any() and not window[:, 30:].any()
+    assert np.array_equal(crop(image, 4, 6, 8), image[4:12, 6:14])
 
 
 def test_flip_rotate_gives_the_eight_symmetries_and_moves_arrays_alike() -> None:
-    square = np.arange(9).reshape(1, 3, 3)
+    square = np.arange(9).reshape(3, 3, 1)
     results = {flip_rotate(square, f, k).tobytes() for f in (False, True) for k in range(4)}
     assert len(results) == 8
-    assert np.array_equal(flip_rotate(square, True, 0)[0], [[2, 1, 0], [5, 4, 3], [8, 7, 6]])
-    assert np.array_equal(flip_rotate(square, False, 1)[0], [[2, 5, 8], [1, 4, 7], [0, 3, 6]])
+    flipped = flip_rotate(square, True, 0)[..., 0]
+    assert np.array_equal(flipped, [[2, 1, 0], [5, 4, 3], [8, 7, 6]])
+    turned = flip_rotate(square, False, 1)[..., 0]
+    assert np.array_equal(turned, [[2, 5, 8], [1, 4, 7], [0, 3, 6]])
 
 
 def test_colour_jitter_is_multiplicative_and_keeps_hue(data: TrainImages) -> None:
     rng = np.random.default_rng(5)
-    image = (rng.uniform(0.8, 1.2, (3, 40, 40)) * np.array(BACKGROUND).reshape(3, 1, 1)).astype(
-        np.uint8
-    )
+    image = (rng.uniform(0.8, 1.2, (40, 40, 3)) * np.array(BACKGROUND)).astype(np.uint8)
     assert np.array_equal(jitter_colour(image, 1.0, 1.0, (1.0, 1.0, 1.0)), image)
     brighter = jitter_colour(image, 1.1, 1.0, (1.0, 1.0, 1.0))
     assert np.abs(brighter - image * 1.1).max() <= 0.5 + 1e-4
     gains = jitter_colour(image, 1.0, 1.0, (1.05, 1.0, 0.95))
-    assert np.abs(gains[2] - image[2] * 0.95).max() <= 0.5 + 1e-4
-    assert np.array_equal(gains[1], image[1])
+    assert np.abs(gains[..., 2] - image[..., 2] * 0.95).max() <= 0.5 + 1e-4
+    assert np.array_equal(gains[..., 1], image[..., 1])
 
     def ratios(rgb: np.ndarray) -> np.ndarray:
         rgb = rgb.astype(np.float64)
-        return np.stack([rgb[0] / rgb[1], rgb[1] / rgb[2]])
+        return np.stack([rgb[..., 0] / rgb[..., 1], rgb[..., 1] / rgb[..., 2]])
 
     contrast = jitter_colour(image, 1.0, 1.1, (1.0, 1.0, 1.0))
     # Luminance (channel mean) deviations from its mean are stretched by exactly the factor.
-    assert contrast.mean(0).std() == pytest.approx(1.1 * image.mean(0).std(), rel=0.02)
+    assert contrast.mean(-1).std() == pytest.approx(1.1 * image.mean(-1).std(), rel=0.02)
     # Contrast alone keeps channel ratios up to rounding (blue is ~20 grey levels: 0.5/20).
     assert np.allclose(ratios(contrast), ratios(image), rtol=0.06)
     for _ in range(20):
         # Per-channel gains of +-5% move a ratio by at most ~10%, plus rounding.
         jittered = random_colour_jitter(image, rng)
         assert np.allclose(ratios(jittered), ratios(image), rtol=0.16)
-    black = np.zeros((3, 4, 4), np.uint8)
+    black = np.zeros((4, 4, 3), np.uint8)
     assert not jitter_colour(black, 1.1, 1.1, (1.05, 1.05, 1.05)).any()
 
 

@@ -104,10 +104,8 @@ def _key_list(keys: list[str]) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > 8 else ''})" if keys else "none"
 
 
-def load_matching_state(
-    module: torch.nn.Module, state: dict[str, Tensor], path: Path, fix: str
-) -> None:
-    """Load `state` (read from `path`) into `module` only if every key and shape matches."""
+def state_mismatch(module: torch.nn.Module, state: dict[str, Tensor]) -> str | None:
+    """What keeps `state` from loading strictly into `module`; None when every tensor fits."""
     expected = module.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -116,12 +114,21 @@ def load_matching_state(
         for key in expected.keys() & state.keys()
         if state[key].shape != expected[key].shape
     )
-    if missing or unexpected or reshaped:
-        raise ValueError(
-            f"{path}: weights do not fit the model (missing keys: {_key_list(missing)}; "
-            f"unexpected keys: {_key_list(unexpected)}; wrong shapes: {_key_list(reshaped)}); "
-            f"{fix}"
-        )
+    if not (missing or unexpected or reshaped):
+        return None
+    return (
+        f"missing keys: {_key_list(missing)}; unexpected keys: {_key_list(unexpected)}; "
+        f"wrong shapes: {_key_list(reshaped)}"
+    )
+
+
+def load_matching_state(
+    module: torch.nn.Module, state: dict[str, Tensor], path: Path, fix: str
+) -> None:
+    """Load `state` (read from `path`) into `module` only if every key and shape matches."""
+    problem = state_mismatch(module, state)
+    if problem is not None:
+        raise ValueError(f"{path}: weights do not fit the model ({problem}); {fix}")
     module.load_state_dict(state, strict=True)
 
 

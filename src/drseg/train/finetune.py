@@ -33,6 +33,7 @@ from drseg.models.unet import (
     load_encoder,
     load_matching_state,
     read_weights_file,
+    state_mismatch,
 )
 from drseg.train.losses import LossParts, multitask_loss
 from drseg.train.patches import (
@@ -107,7 +108,9 @@ class FinetuneModule(pl.LightningModule):
         log_metrics: MetricsLogger | None,
     ) -> None:
         super().__init__()
-        self.model = model
+        # Channels-last (NHWC) halves the step time of bf16 convolutions on an H100 (35 vs
+        # 74 ms, resnet34, batch 16 at 512 px); on the CPU it is within noise (2.7-3.0 s).
+        self.model = model.to(memory_format=torch.channels_last)
         self.data = data
         self.model_settings = model_settings
         self.settings = settings
@@ -163,7 +166,7 @@ class FinetuneModule(pl.LightningModule):
         # One forward pass over the clean patches (segmentation) and, when the reconstruction
         # input is corrupted, their corrupted copies (reconstruction): twice the batch.
         inputs = torch.cat([image, reconstruction_input]) if corrupted else image
-        logits, reconstruction = self.model(inputs)
+        logits, reconstruction = self.model(inputs.contiguous(memory_format=torch.channels_last))
         parts = multitask_loss(
             logits[:size],
             masks,
@@ -218,6 +221,17 @@ def _check_lengths(model: ModelSettings, settings: FinetuneSettings) -> None:
             )
 
 
+def _check_resumable(checkpoint: Path, module: FinetuneModule) -> None:
+    """Refuse, with the fix, a checkpoint that another model setting wrote into this folder."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    problem = state_mismatch(module, state["state_dict"])
+    if problem is not None:
+        raise ValueError(
+            f"{checkpoint}: cannot resume, the checkpoint was written for other model settings "
+            f"({problem}); use the settings of that run, or a new output folder to start over"
+        )
+
+
 def finetune(
     dataset_dir: Path,
     out_dir: Path,
@@ -258,7 +272,10 @@ def finetune(
             )
         ],
     )
-    trainer.fit(module, ckpt_path=last if last.is_file() else None)
+    resume = last if last.is_file() else None
+    if resume is not None:
+        _check_resumable(resume, module)
+    trainer.fit(module, ckpt_path=resume)
     if module.steps_run and trainer.global_step % settings.checkpoint_every:
         # The final state, when the callback did not just save it: the same command run
         # again then finds the run complete and trains nothing.

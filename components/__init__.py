@@ -13,3 +13,6 @@ RUNTIME_IMAGE = f"ghcr.io/drseg/runtime:{__version__}"
 
 TRAINER_IMAGE = f"ghcr.io/drseg/trainer:{__version__}"
 """CUDA PyTorch image with drseg installed (images/trainer.Dockerfile)."""
+
+TENSORRT_IMAGE = f"ghcr.io/drseg/tensorrt:{__version__}"
+"""NVIDIA's TensorRT image with drseg installed (images/tensorrt.Dockerfile)."""

@@ -8,16 +8,18 @@ from components import TRAINER_IMAGE
 def finetune(
     dataset: Input[Dataset],
     dataset_hash: str,
+    encoder: Input[Model],
     model_config: str,
     config: str,
     pipeline_run_id: str,
     model: Output[Model],
 ) -> str:
-    """Multi-task U-Net fine-tuning (segmentation + reconstruction); returns the MLflow run id."""
+    """Multi-task U-Net fine-tuning (segmentation + reconstruction) from the pretrained
+    encoder (random weights when pretraining was off); returns the MLflow run id."""
     from pathlib import Path
 
     from drseg.config import FinetuneSettings, ModelSettings, load_settings
-    from drseg.steps import finetune_step
+    from drseg.steps import finetune_step, pretrained_encoder
 
     env = load_settings()
     figures = finetune_step(
@@ -28,6 +30,7 @@ def finetune(
         env.tracking,
         env.home,
         pipeline_run_id,
+        pretrained_encoder(Path(encoder.path)),
     )
     model.metadata.update({**figures, "dataset_hash": dataset_hash})
     return str(figures["mlflow_run_id"])

@@ -98,7 +98,7 @@ def test_config_and_params_are_flattened_to_dotted_keys(
     params = _client(home).get_run(run.run_id).data.params
     assert params["lr"] == "0.0003"
     assert params["class_sampling"] == "[0.35, 0.25, 0.2, 0.2]"
-    assert params["encoder_init"] == "None"
+    assert params["reconstruction_input"] == "masked"
     assert params["schedule"] == "cosine"
     assert params["model.encoder"] == "resnet34"
     assert params["model.classes"] == "['MA', 'HE', 'EX', 'SE']"

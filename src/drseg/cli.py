@@ -56,8 +56,27 @@ def _pipeline_run_id() -> str:
     return f"cli-{secrets.token_hex(4)}"
 
 
+def _pretrain(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.steps import pretrain_step
+
+    figures = pretrain_step(
+        args.pool,
+        args.labelled,
+        args.out,
+        settings.model,
+        settings.pretrain.model_copy(update={"enabled": True}),
+        settings.tracking,
+        settings.home,
+        _pipeline_run_id(),
+    )
+    print(
+        f"{figures['steps']} steps, final loss {figures['final_loss']:.4f}, "
+        f"{figures['images_per_second']:.1f} views/s; encoder in {figures['encoder']}"
+    )
+
+
 def _finetune(args: argparse.Namespace, settings: Settings) -> None:
-    from drseg.steps import finetune_step
+    from drseg.steps import finetune_step, pretrained_encoder
 
     figures = finetune_step(
         args.dataset,
@@ -67,6 +86,7 @@ def _finetune(args: argparse.Namespace, settings: Settings) -> None:
         settings.tracking,
         settings.home,
         _pipeline_run_id(),
+        None if args.encoder is None else pretrained_encoder(args.encoder),
     )
     print(
         f"{figures['steps']} steps, final loss {figures['final_loss']:.4f}, "
@@ -92,13 +112,72 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> None:
-    from drseg.run import format_run_summary, run_pipeline
+    from drseg.run import RunError, format_run_summary, run_pipeline
 
-    run = run_pipeline(settings, args.source, verbose=args.verbose)
+    try:
+        run = run_pipeline(settings, args.source, args.pool, verbose=args.verbose)
+    except RunError as exc:
+        raise SystemExit(f"drseg run: {exc}") from exc
     summary = json.loads((run / "summary.json").read_text())
     print(format_run_summary(summary, run))
-    if summary["status"] != "succeeded":
+    if summary["status"] == "failed":
         raise SystemExit(1)
+
+
+def _registry(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg import registry
+    from drseg.tracking import tracking_uri
+
+    uri = tracking_uri(settings.tracking, settings.home)
+    name = settings.registry.model_name
+    if args.action == "promote":
+        if args.version is None:
+            raise SystemExit("drseg registry promote: give the VERSION to promote")
+        registry.promote(uri, name, args.version, reason=args.reason)
+        print(f"{name}: version {args.version} is @champion")
+    elif args.action == "rollback":
+        version = registry.rollback(uri, name, reason=args.reason)
+        print(f"{name}: rolled back, version {version} is @champion")
+    else:
+        print(registry.show(uri, name))
+
+
+def _repository(args: argparse.Namespace, settings: Settings) -> Path:
+    from drseg.run import RunError, latest_repository
+
+    if args.repository is not None:
+        return Path(args.repository)
+    try:
+        return latest_repository(settings.home)
+    except RunError as exc:
+        raise SystemExit(f"drseg {args.verb}: {exc}") from exc
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.serving.server import serve
+
+    serve(_repository(args, settings), settings.serve, args.version)
+
+
+def _predict(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.serving.client import predict
+    from drseg.serving.server import resolve_model
+
+    serve = settings.serve
+    model = resolve_model(_repository(args, settings), serve.model_name, args.version)
+    port = serve.grpc_port if args.protocol == "grpc" else serve.http_port
+    results = predict(
+        args.photos,
+        args.server or f"{serve.host}:{port}",
+        args.protocol,
+        args.out,
+        model.onnx_path,
+        serve.model_name,
+    )
+    for result in results:
+        found = ", ".join(f"{cls} {info['components']}" for cls, info in result.classes.items())
+        seconds = result.total_seconds
+        print(f"{result.photograph}: {found} lesions ({seconds:.1f} s) -> {result.folder}")
 
 
 def _config_show(args: argparse.Namespace, settings: Settings) -> None:
@@ -124,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--source", help="folder or s3:// prefix to train on instead of synthetic data"
     )
+    run.add_argument(
+        "--pool", help="folder or s3:// prefix of unlabelled photographs to pretrain on"
+    )
     run.add_argument("--verbose", action="store_true", help="stream every task's log")
 
     synth = verb("synth", _synth, "generate synthetic fundus photographs with exact masks")
@@ -145,10 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     clahe.add_argument("--dataset", type=Path, required=True, help="dataset folder (from ingest)")
     clahe.add_argument("--out", type=Path, required=True, help="new dataset folder")
 
+    pretrain = verb("pretrain", _pretrain, "SimCLR pretraining of the encoder on photographs")
+    pretrain.add_argument(
+        "--pool", type=Path, nargs="+", required=True, help="dataset folder(s) (clahe), unlabelled"
+    )
+    pretrain.add_argument(
+        "--labelled",
+        type=Path,
+        help="labelled dataset folder whose train split joins the pool (pretrain.include_labelled)",
+    )
+    pretrain.add_argument("--out", type=Path, required=True, help="output folder; rerun to resume")
+
     finetune = verb("finetune", _finetune, "train the multi-task U-Net on a dataset's train split")
     finetune.add_argument("--dataset", type=Path, required=True, help="dataset folder (clahe)")
     finetune.add_argument(
         "--out", type=Path, required=True, help="model folder; rerun to resume from it"
+    )
+    finetune.add_argument(
+        "--encoder", type=Path, help="pretrain output folder to start from (default: random)"
     )
 
     evaluate = verb("evaluate", _evaluate, "tiled inference, metrics and plots on a split")
@@ -156,6 +252,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", type=Path, required=True, help="dataset folder (clahe)")
     evaluate.add_argument("--out", type=Path, required=True, help="output folder")
     evaluate.add_argument("--split", choices=["val", "train"], default="val")
+
+    registry = verb("registry", _registry, "MLflow registry: versions, aliases and their history")
+    registry.add_argument(
+        "action", choices=["show", "promote", "rollback"], nargs="?", default="show"
+    )
+    registry.add_argument("version", nargs="?", help="version to promote to @champion")
+    registry.add_argument("--reason", help="recorded with the alias move")
+
+    serve = verb("serve", _serve, "serve a Triton model repository on 127.0.0.1 (Ctrl-C stops)")
+    serve.add_argument(
+        "--repository", type=Path, help="Triton model repository (default: the newest run's)"
+    )
+    serve.add_argument("--version", type=int, help="model version (default: the newest)")
+
+    predict = verb("predict", _predict, "segment photographs on a running Triton server")
+    predict.add_argument("photos", type=Path, nargs="+", help="photographs (JPEG, PNG, TIFF)")
+    predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    predict.add_argument("--server", help="host:port (default: serve.host and its port)")
+    predict.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    predict.add_argument(
+        "--repository",
+        type=Path,
+        help="the served repository (its model.onnx holds the "
+        "preprocessing contract; default: the newest run's)",
+    )
+    predict.add_argument("--version", type=int, help="model version (default: the newest)")
 
     config = verb("config", lambda *_: config.print_help(), "settings")
     config_verbs = config.add_subparsers(dest="config_verb", metavar="ACTION")

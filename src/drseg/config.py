@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 LESION_CLASSES: tuple[str, ...] = ("MA", "HE", "EX", "SE")
 """The four lesion classes the model segments, in channel order."""
@@ -65,6 +74,8 @@ class ClaheSettings(Section):
 
 class SynthSettings(Section):
     n: int = Field(24, ge=1)
+    pool_n: int = Field(24, ge=1)
+    """Unlabelled photographs (other seeds than the labelled ones) for pretraining."""
     seed: int = 0
     width: int = Field(1024, ge=128)
     layout: Literal["idrid", "generic"] = "generic"
@@ -103,8 +114,36 @@ class FinetuneSettings(Section):
     devices: int | str = "auto"
     num_workers: int = Field(2, ge=0)
     seed: int = 0
-    encoder_init: Path | None = None
-    """Encoder weights file (from the pretrain stage); None starts from random weights."""
+
+
+class PretrainSettings(Section):
+    """SimCLR pretraining of the U-Net encoder on unlabelled photographs."""
+
+    enabled: bool = True
+    """The encoder initialisation: True fine-tunes from the SimCLR encoder, False from
+    random weights (the pipeline's pretrain step then does no work)."""
+    crop_size: int = Field(256, ge=32)
+    """Side of each view, in working-resolution pixels (a multiple of 32)."""
+    min_fov_fraction: float = Field(0.8, ge=0.0, le=1.0)
+    """Share of a crop that must lie inside the field of view."""
+    batch_size: int = Field(64, ge=2)
+    """Photographs per step (two views each, so 2 x batch_size images)."""
+    max_steps: int = Field(2000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    temperature: float = Field(0.2, gt=0)
+    """NT-Xent temperature."""
+    projection_dim: int = Field(128, ge=8)
+    include_labelled: bool = True
+    """Also pretrain on the labelled training photographs, without their labels."""
+    checkpoint_every: int = Field(200, ge=1)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    strategy: str = "auto"
+    """Lightning strategy; "ddp" gathers negatives across devices."""
+    devices: int | str = "auto"
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
 
 
 class EvaluateSettings(Section):
@@ -115,6 +154,133 @@ class EvaluateSettings(Section):
     default_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     overlays: int = Field(4, ge=0)
     """Validation photographs drawn with prediction and ground truth."""
+
+
+GateMetric = Literal["merged_dice", "dice", "aupr"]
+ClassMetric = Literal["dice", "aupr"]
+
+
+class GateSettings(Section):
+    """The promotion rules; all of them must pass (a not-applicable row does not block)."""
+
+    metric: GateMetric = "merged_dice"
+    """What `minimum` applies to: the dataset-level Dice of the merged any-lesion mask, or a
+    per-lesion metric that every evaluated lesion class must reach."""
+    minimum: float = Field(0.8, ge=0.0, le=1.0)
+    class_metric: ClassMetric = "dice"
+    """The per-lesion metric read by class_minimums and by the regression rule."""
+    class_minimums: dict[str, float] = Field(default_factory=dict)
+    """Lesion class -> its own minimum of class_metric, checked on top of the main rule."""
+    max_regression: float | None = Field(None, ge=0.0, le=1.0)
+    """No lesion class may score more than this below @champion (class_metric, same
+    evaluation data only); None turns the rule off."""
+
+    @field_validator("class_minimums")
+    @classmethod
+    def _upper_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        out_of_range = {k: v for k, v in value.items() if not 0.0 <= v <= 1.0}
+        if out_of_range:
+            raise ValueError(f"class minimums must lie in [0, 1], got {out_of_range}")
+        return {k.upper(): v for k, v in value.items()}
+
+
+class RegistrySettings(Section):
+    model_name: str = Field("drseg-lesions", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The MLflow registered model that passing models become versions of."""
+
+
+SIZE_MULTIPLE = 32
+"""U-Net encoders downsample five times: image sides the graph sees are multiples of 2**5."""
+
+Shape = tuple[int, int, int]
+"""(batch, height, width) of the image input; channels are always 3."""
+
+
+def check_shape(name: str, shape: Shape) -> Shape:
+    """A shape with positive sizes and sides that are multiples of SIZE_MULTIPLE."""
+    batch, height, width = shape
+    if batch < 1 or height < SIZE_MULTIPLE or width < SIZE_MULTIPLE:
+        raise ValueError(
+            f"{name} = {shape}: batch must be >= 1 and height, width >= {SIZE_MULTIPLE}"
+        )
+    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+        raise ValueError(
+            f"{name} = {shape}: height and width must be multiples of {SIZE_MULTIPLE}; "
+            f"use ({batch}, {-(-height // SIZE_MULTIPLE) * SIZE_MULTIPLE}, "
+            f"{-(-width // SIZE_MULTIPLE) * SIZE_MULTIPLE})"
+        )
+    return shape
+
+
+def check_order(low: Shape, opt: Shape, high: Shape) -> None:
+    """min <= opt <= max in every dimension, as TensorRT requires of a profile."""
+    if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
+        raise ValueError(
+            f"TensorRT shapes must satisfy min <= opt <= max in every dimension, got "
+            f"min {low}, opt {opt}, max {high}; fix export.trt_min_shape / trt_opt_shape / "
+            f"trt_max_shape"
+        )
+
+
+class ExportSettings(Section):
+    opset: int = Field(17, ge=13)
+    """ONNX opset; 17 loads in the ONNX Runtime of every Triton release since 23.02."""
+    parity_tolerance: float = Field(1e-3, gt=0.0)
+    """Largest allowed |ONNX Runtime - PyTorch| over all output probabilities."""
+    reconstruction: bool = False
+    """Also export the reconstruction head as a second output (for previews only)."""
+    trt_min_shape: Shape = (1, 256, 256)
+    trt_opt_shape: Shape = (1, 704, 1024)
+    """A 1024-wide IDRiD photograph is 1024 x 680, padded to 704 rows."""
+    trt_max_shape: Shape = (4, 1024, 1024)
+    trt_fp16: bool = True
+    trt_workspace_gib: float = Field(4.0, gt=0.0)
+
+    @field_validator("trt_min_shape", "trt_opt_shape", "trt_max_shape")
+    @classmethod
+    def _multiple_of_32(cls, value: Shape, info: ValidationInfo) -> Shape:
+        return check_shape(f"export.{info.field_name}", value)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExportSettings:
+        check_order(self.trt_min_shape, self.trt_opt_shape, self.trt_max_shape)
+        return self
+
+
+class ServeSettings(Section):
+    model_name: str = Field("drseg", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Triton model name (letters, digits, '.', '_', '-')."""
+    host: str = "127.0.0.1"
+    """Address the local server binds; loopback unless it must be reached from elsewhere."""
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    max_batch_size: int = Field(4, ge=1)
+    preferred_batch_sizes: tuple[int, ...] = (2, 4)
+    max_queue_delay_us: int = Field(2000, ge=0)
+    """How long Triton holds a request to batch it with others (microseconds)."""
+    instance_kind: Literal["cpu", "gpu"] = "cpu"
+    """instance_group kind written to config.pbtxt (KIND_CPU / KIND_GPU)."""
+    instance_count: int = Field(1, ge=1)
+    ort_threads: int = Field(0, ge=0)
+    """ONNX Runtime intra-op threads in the local server; 0 lets it choose (one per core)."""
+    exit_timeout_s: int = Field(5, ge=0)
+    """How long the local server waits for in-flight requests when stopping."""
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> ServeSettings:
+        too_big = [s for s in self.preferred_batch_sizes if not 1 <= s <= self.max_batch_size]
+        if too_big:
+            raise ValueError(
+                f"preferred_batch_sizes {too_big} must lie in 1..max_batch_size "
+                f"({self.max_batch_size})"
+            )
+        if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
+            raise ValueError(
+                f"http_port, grpc_port and metrics_port must differ, got {self.http_port}, "
+                f"{self.grpc_port}, {self.metrics_port}"
+            )
+        return self
 
 
 class TrackingSettings(Section):
@@ -132,8 +298,13 @@ class Settings(Section):
     ingest: IngestSettings = IngestSettings()
     clahe: ClaheSettings = ClaheSettings()
     model: ModelSettings = ModelSettings()
+    pretrain: PretrainSettings = PretrainSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
+    gate: GateSettings = GateSettings()
+    registry: RegistrySettings = RegistrySettings()
+    export: ExportSettings = ExportSettings()
+    serve: ServeSettings = ServeSettings()
     tracking: TrackingSettings = TrackingSettings()
 
 

@@ -37,6 +37,8 @@ class _TaskLog(io.TextIOBase):
     log: TextIO
     terminal: TextIO
     verbose: bool
+    display: dict[str, str]
+    """Task name -> display name (kfp names a second use of a component "ingest-2")."""
     statuses: dict[str, str] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -56,13 +58,14 @@ class _TaskLog(io.TextIOBase):
         if match := _TASK_START.search(line):
             self.started[match[1]] = time.monotonic()
             if not self.verbose:
-                self.terminal.write(f"  {match[1]:<12} running ...\n")
+                self.terminal.write(f"  {self.display.get(match[1], match[1]):<12} running ...\n")
         elif match := _TASK_END.search(line):
             name, status = match[1], match[2].lower()
             self.statuses[name] = status
             self.seconds[name] = time.monotonic() - self.started.get(name, time.monotonic())
             if not self.verbose:
-                self.terminal.write(f"  {name:<12} {status} in {self.seconds[name]:.1f} s\n")
+                shown = self.display.get(name, name)
+                self.terminal.write(f"  {shown:<12} {status} in {self.seconds[name]:.1f} s\n")
         self.terminal.flush()
 
     def flush(self) -> None:
@@ -71,22 +74,46 @@ class _TaskLog(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _captured(log_path: Path, verbose: bool) -> Iterator[_TaskLog]:
+def _captured(log_path: Path, verbose: bool, display: dict[str, str]) -> Iterator[_TaskLog]:
     with log_path.open("w") as log:
-        tee = _TaskLog(log, sys.stdout, verbose)
+        tee = _TaskLog(log, sys.stdout, verbose, display)
         with contextlib.redirect_stdout(tee):
             yield tee
 
 
-def pipeline_arguments(settings: Settings, source: str) -> dict[str, Any]:
-    """Settings -> the pipeline's parameters (names as in pipelines/training.py)."""
+class RunError(ValueError):
+    """The run cannot start as asked; the message says what to pass instead."""
+
+
+def pipeline_arguments(settings: Settings, source: str, pool: str | None) -> dict[str, Any]:
+    """Settings -> the pipeline's parameters (names as in pipelines/training.py).
+
+    `pool` is the unlabelled pool for pretraining. Without one, pretraining must be off:
+    the labelled source then stands in as the pool input, which the pretrain step skips.
+    """
+    pool_ingest = settings.ingest.model_copy(update={"layout": "unlabelled", "val_fraction": 0.0})
+    if pool is None:
+        if settings.pretrain.enabled:
+            raise RunError(
+                "no unlabelled pool for pretraining: pass --pool FOLDER|s3://... (a tree of "
+                "photographs, e.g. IDRiD's unlabelled set), or set pretrain.enabled: false "
+                "to fine-tune from random weights"
+            )
+        pool, pool_ingest = source, settings.ingest
     return {
         "source": source,
+        "pool_source": pool,
         "ingest_config": settings.ingest.model_dump_json(),
+        "pool_ingest_config": pool_ingest.model_dump_json(),
         "clahe_config": settings.clahe.model_dump_json(),
         "model_config": settings.model.model_dump_json(),
+        "pretrain_config": settings.pretrain.model_dump_json(),
         "finetune_config": settings.finetune.model_dump_json(),
         "evaluate_config": settings.evaluate.model_dump_json(),
+        "gate_config": settings.gate.model_dump_json(),
+        "registry_config": settings.registry.model_dump_json(),
+        "export_config": settings.export.model_dump_json(),
+        "serve_config": settings.serve.model_dump_json(),
     }
 
 
@@ -103,11 +130,18 @@ def task_outputs(pipeline_root: Path, task: str) -> dict[str, Any]:
     return outputs
 
 
-def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = False) -> Path:
-    """Run the whole pipeline locally; returns the run folder (its summary.json says how)."""
+def run_pipeline(
+    settings: Settings, source: str | None = None, pool: str | None = None, verbose: bool = False
+) -> Path:
+    """Run the whole pipeline locally; returns the run folder (its summary.json says how).
+
+    Without a source, synthetic photographs are made for it and for the pool.
+    """
     from kfp import local
     from pipelines.training import training
 
+    if source is not None:
+        pipeline_arguments(settings, source, pool)  # refuse a bad request before any work
     home = Path(settings.home).resolve()
     # Components run as subprocesses and read their settings from the environment.
     os.environ["DRSEG_HOME"] = str(home)
@@ -119,13 +153,21 @@ def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = 
         source_dir = run / "source"
         started = time.monotonic()
         write_synthetic_dataset(source_dir, synth.n, synth.seed, synth.width, synth.layout)
-        source = str(source_dir)
+        # The pool: other photographs (seed + 1), their masks left out of the tree.
+        write_synthetic_dataset(run / "pool", synth.pool_n, synth.seed + 1, synth.width)
+        source, pool = str(source_dir), str(run / "pool" / "images")
         steps.append(
             {
                 "name": "synth",
                 "status": "success",
                 "seconds": round(time.monotonic() - started, 1),
-                "outputs": {"photographs": synth.n, "path": source, "seed": synth.seed},
+                "outputs": {
+                    "photographs": synth.n,
+                    "path": source,
+                    "pool_photographs": synth.pool_n,
+                    "pool": pool,
+                    "seed": synth.seed,
+                },
             }
         )
 
@@ -140,15 +182,17 @@ def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = 
     )
     summary: dict[str, Any] = {"run": run.name, "source": source, "steps": steps}
     error = None
-    with _captured(run / "pipeline.log", verbose) as log:
+    tasks = training.pipeline_spec.root.dag.tasks
+    display = {name: task.task_info.name for name, task in tasks.items()}
+    with _captured(run / "pipeline.log", verbose, display) as log:
         try:
-            training(**pipeline_arguments(settings, source))
+            training(**pipeline_arguments(settings, source, pool))
         except Exception as exc:
             error = str(exc)
     for name in log.started:
         steps.append(
             {
-                "name": name,
+                "name": display.get(name, name),
                 "status": log.statuses.get(name, "failed"),
                 "seconds": round(log.seconds.get(name, 0.0), 1),
                 "outputs": task_outputs(run / "kfp", name),
@@ -157,6 +201,14 @@ def run_pipeline(settings: Settings, source: str | None = None, verbose: bool = 
     summary["status"] = "failed" if error else "succeeded"
     if error:
         summary["error"] = error
+    outputs = {step["name"]: step["outputs"] for step in steps}
+    verdict = outputs.get("gate", {}).get("verdict", {}).get("metadata", {})
+    if not error and verdict.get("passed") is False:
+        summary["status"] = "gated"
+        summary["reason"] = f"evaluation gate {verdict['summary']}; nothing was registered"
+    engine = outputs.get("tensorrt", {}).get("engine", {}).get("metadata", {})
+    if engine:
+        summary["served"] = {"format": engine["served_format"], "reason": engine["reason"]}
     summary["log"] = str(run / "pipeline.log")
     atomic.write_text(run / paths.SUMMARY, json.dumps(summary, indent=2) + "\n")
     return run
@@ -200,6 +252,18 @@ def format_run_summary(summary: dict[str, Any], run: Path) -> str:
             "evaluate (validation split)",
             format_metrics(evaluate["outputs"]["metrics"]["metadata"]),
         ]
+    gate = next((s for s in summary["steps"] if s["name"] == "gate"), None)
+    if gate and "report" in gate["outputs"]:
+        lines += ["", Path(gate["outputs"]["report"]["path"]).read_text().rstrip()]
+    if "reason" in summary:
+        lines += ["", f"gated: {summary['reason']}"]
+    register = next((s for s in summary["steps"] if s["name"] == "register"), None)
+    if register and "Output" in register["outputs"]:
+        lines += ["", f"registered version {register['outputs']['Output']} as @challenger"]
+    if "served" in summary:
+        lines.append(
+            f"served format: {summary['served']['format']} ({summary['served']['reason']})"
+        )
     lines.append("")
     for step in summary["steps"]:
         for name, value in step["outputs"].items():
@@ -209,3 +273,20 @@ def format_run_summary(summary: dict[str, Any], run: Path) -> str:
         lines += ["", f"error: {summary['error']}", f"full log: {summary['log']}"]
     lines.append(f"\nsummary: {run / paths.SUMMARY}")
     return "\n".join(lines)
+
+
+def latest_repository(home: Path) -> Path:
+    """The Triton model repository the newest run wrote (for `drseg serve` / `predict`)."""
+    summary_path = paths.latest_run(home) / paths.SUMMARY
+    if not summary_path.is_file():
+        raise RunError(
+            f"{summary_path}: no run yet; run `drseg run` (or `make run`), or pass --repository"
+        )
+    summary = json.loads(summary_path.read_text())
+    for step in summary["steps"]:
+        if step["name"] == "triton-repository" and "repository" in step["outputs"]:
+            return Path(step["outputs"]["repository"]["path"])
+    raise RunError(
+        f"{summary_path}: the newest run (status {summary['status']}) wrote no Triton "
+        "repository; pass --repository, or run until a model passes the gate"
+    )

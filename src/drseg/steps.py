@@ -15,13 +15,24 @@ from typing import Any
 
 from drseg import atomic
 from drseg.config import (
+    ClaheSettings,
     EvaluateSettings,
+    ExportSettings,
     FinetuneSettings,
+    GateSettings,
+    IngestSettings,
     ModelSettings,
+    PretrainSettings,
+    RegistrySettings,
+    ServeSettings,
     TrackingSettings,
 )
 
 MODEL_CARD = "model.json"
+ONNX_FILE = "model.onnx"
+ENCODER_FILE = "encoder.pt"
+SKIPPED = "skipped"
+"""Marker file of a pretrain output folder when pretraining is off (pretrain.enabled false)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,8 @@ class ModelCard:
     finetune: FinetuneSettings
     dataset_hash: str
     steps: int
+    encoder_init: str = "random"
+    """"random", or the sha256 of the encoder weights file fine-tuning started from."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -38,6 +51,7 @@ class ModelCard:
                 "finetune": json.loads(self.finetune.model_dump_json()),
                 "dataset_hash": self.dataset_hash,
                 "steps": self.steps,
+                "encoder_init": self.encoder_init,
             },
             indent=2,
         )
@@ -56,7 +70,73 @@ class ModelCard:
             FinetuneSettings.model_validate(data["finetune"]),
             data["dataset_hash"],
             data["steps"],
+            data.get("encoder_init", "random"),
         )
+
+
+def pretrained_encoder(pretrain_dir: Path) -> Path | None:
+    """The encoder file in a pretrain output folder; None when pretraining was off."""
+    pretrain_dir = Path(pretrain_dir)
+    if (pretrain_dir / SKIPPED).is_file():
+        return None
+    encoder = pretrain_dir / ENCODER_FILE
+    if not encoder.is_file():
+        raise FileNotFoundError(
+            f"{pretrain_dir}: no {ENCODER_FILE}; pass the output folder of `drseg pretrain`"
+        )
+    return encoder
+
+
+def pretrain_step(
+    pool_dirs: list[Path],
+    labelled_dir: Path | None,
+    out_dir: Path,
+    model: ModelSettings,
+    settings: PretrainSettings,
+    tracking: TrackingSettings,
+    home: Path,
+    pipeline_run_id: str,
+) -> dict[str, Any]:
+    """SimCLR on the pool (and the labelled train split), tracked; writes <out>/encoder.pt.
+
+    With pretraining off it writes only the SKIPPED marker, so fine-tuning starts from
+    random weights and the pipeline keeps one shape.
+    """
+    from drseg.data.dataset import content_hash, load_manifest
+
+    out_dir = Path(out_dir)
+    if not settings.enabled:
+        atomic.write_text(out_dir / SKIPPED, "pretrain.enabled is false\n")
+        return {"skipped": True, "reason": "pretrain.enabled is false: random initialisation"}
+
+    from drseg.tracking import stage_run
+    from drseg.train.pretrain import pretrain
+
+    inputs = [*pool_dirs, *([labelled_dir] if labelled_dir and settings.include_labelled else [])]
+    dataset_hash = content_hash([load_manifest(d).dataset_hash for d in inputs])
+    with stage_run(
+        tracking,
+        home,
+        "pretrain",
+        pipeline_run_id=pipeline_run_id,
+        dataset_hash=dataset_hash,
+        config={"model": model, "pretrain": settings},
+    ) as run:
+        result = pretrain(pool_dirs, out_dir, model, settings, run.metric_logger(), labelled_dir)
+        figures = {
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "seconds": result.seconds,
+            "images_per_second": result.images_per_second,
+        }
+        run.log_metrics(figures)
+    return {
+        **figures,
+        "skipped": False,
+        "encoder": str(result.encoder),
+        "dataset_hash": dataset_hash,
+        "mlflow_run_id": run.run_id,
+    }
 
 
 def finetune_step(
@@ -67,14 +147,19 @@ def finetune_step(
     tracking: TrackingSettings,
     home: Path,
     pipeline_run_id: str,
+    encoder: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, track, and write the model folder; returns the figures for the summary."""
-    from drseg.data.dataset import load_manifest
+    """Train, track, and write the model folder; returns the figures for the summary.
+
+    `encoder`: encoder weights to start from (the pretrain stage's); None: random weights.
+    """
+    from drseg.data.dataset import load_manifest, sha256
     from drseg.tracking import stage_run
     from drseg.train.finetune import finetune
 
     dataset_hash = load_manifest(dataset_dir).dataset_hash
-    config = {"model": model, "finetune": settings}
+    encoder_init = "random" if encoder is None else sha256(Path(encoder).read_bytes())
+    config = {"model": model, "finetune": settings, "encoder_init": encoder_init}
     with stage_run(
         tracking,
         home,
@@ -83,8 +168,8 @@ def finetune_step(
         dataset_hash=dataset_hash,
         config=config,
     ) as run:
-        result = finetune(dataset_dir, model_dir, model, settings, run.metric_logger())
-        card = ModelCard(model, settings, dataset_hash, result.steps)
+        result = finetune(dataset_dir, model_dir, model, settings, run.metric_logger(), encoder)
+        card = ModelCard(model, settings, dataset_hash, result.steps, encoder_init)
         atomic.write_text(Path(model_dir) / MODEL_CARD, card.to_json())
         figures = {
             "steps": result.steps,
@@ -156,4 +241,169 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         for group, values in groups.items()
         for name, value in values.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    passed: bool
+    summary: str
+    """One line: "passed (1 rule)" or the failed rules and why."""
+    markdown: str
+    verdict_json: str
+    mlflow_run_id: str
+
+
+def gate_step(
+    evaluation_dir: Path,
+    settings: GateSettings,
+    registry: RegistrySettings,
+    tracking: TrackingSettings,
+    home: Path,
+    pipeline_run_id: str,
+) -> GateOutcome:
+    """Apply the gate's rules to the evaluate stage's metrics.json, against @champion's
+    metrics when the regression rule is on and tracking (hence the registry) is."""
+    from drseg.evaluate.report import METRICS_FILE
+    from drseg.gate import evaluate_gate, verdict_markdown, verdict_summary
+    from drseg.tracking import stage_run, tracking_uri
+
+    metrics_path = Path(evaluation_dir) / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{evaluation_dir}: no {METRICS_FILE}; pass the output folder of `drseg evaluate`"
+        )
+    metrics = json.loads(metrics_path.read_text())
+    champion = None
+    if settings.max_regression is not None and tracking.enabled:
+        from drseg.registry import champion_metrics
+
+        champion = champion_metrics(tracking_uri(tracking, home), registry.model_name)
+    verdict = evaluate_gate(metrics, settings, champion, metrics["dataset_hash"])
+    markdown, summary = verdict_markdown(verdict), verdict_summary(verdict)
+    with stage_run(
+        tracking,
+        home,
+        "gate",
+        pipeline_run_id=pipeline_run_id,
+        dataset_hash=metrics["dataset_hash"],
+        config=settings,
+    ) as run:
+        run.set_tags({"drseg.gate": summary})
+        run.log_metrics({"gate.passed": float(verdict.passed)})
+    return GateOutcome(verdict.passed, summary, markdown, verdict.model_dump_json(), run.run_id)
+
+
+def export_step(
+    model_dir: Path,
+    evaluation_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    settings: ExportSettings,
+    ingest: IngestSettings,
+    clahe: ClaheSettings,
+) -> dict[str, Any]:
+    """ONNX with the serving contract (preprocessing + tuned thresholds), parity-checked
+    against PyTorch on random inputs and a photograph of the dataset; <out>/model.onnx."""
+    from drseg.evaluate.report import METRICS_FILE
+    from drseg.export.onnx_export import export_onnx, export_summary
+
+    result = export_onnx(
+        model_dir,
+        Path(evaluation_dir) / METRICS_FILE,
+        Path(out_dir) / ONNX_FILE,
+        settings,
+        ingest,
+        clahe,
+        dataset_dir=dataset_dir,
+    )
+    return export_summary(result)
+
+
+def register_step(
+    onnx_dir: Path,
+    model_dir: Path,
+    evaluation_dir: Path,
+    verdict_json: str,
+    registry: RegistrySettings,
+    tracking: TrackingSettings,
+    home: Path,
+    pipeline_run_id: str,
+) -> dict[str, Any]:
+    """A new registry version (alias @challenger) from the ONNX file and the weights,
+    tagged with lineage, metrics and the gate's verdict."""
+    from drseg.evaluate.report import METRICS_FILE
+    from drseg.gate import GateVerdict
+    from drseg.registry import register_model
+    from drseg.tracking import git_commit, stage_run, tracking_uri
+
+    if not tracking.enabled:
+        raise ValueError(
+            "the model registry is MLflow's: set tracking.enabled to true (and tracking.uri "
+            "to the server holding the registry) to register models"
+        )
+    metrics = json.loads((Path(evaluation_dir) / METRICS_FILE).read_text())
+    card = ModelCard.read(model_dir)
+    with stage_run(
+        tracking,
+        home,
+        "register",
+        pipeline_run_id=pipeline_run_id,
+        dataset_hash=card.dataset_hash,
+        config=registry,
+    ) as run:
+        version = register_model(
+            tracking_uri(tracking, home),
+            registry.model_name,
+            Path(onnx_dir) / ONNX_FILE,
+            Path(model_dir) / "model.pt",
+            run_id=run.run_id,
+            dataset_hash=card.dataset_hash,
+            metrics=metrics,
+            verdict=GateVerdict.model_validate_json(verdict_json),
+            git_commit=git_commit(),
+            pipeline_run_id=pipeline_run_id,
+        )
+        run.set_tags({"drseg.registered_version": version})
+    return {"model_name": registry.model_name, "version": version, "alias": "challenger"}
+
+
+def engine_step(onnx_dir: Path, out_dir: Path, settings: ExportSettings) -> dict[str, Any]:
+    """A TensorRT engine where TensorRT and a GPU exist; else nothing, and says so."""
+    from drseg.export.tensorrt_build import build_engine
+
+    result = build_engine(Path(onnx_dir) / ONNX_FILE, Path(out_dir), settings)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return {
+        "served_format": result.served_format,
+        "reason": result.reason,
+        "plan": None if result.plan is None else str(result.plan),
+    }
+
+
+def repository_step(
+    onnx_dir: Path,
+    engine_dir: Path,
+    version: int,
+    out_dir: Path,
+    settings: ServeSettings,
+) -> dict[str, Any]:
+    """A Triton model repository with `version` (the registry's), serving the engine when
+    one was built, else the ONNX model."""
+    from drseg.serving.repository import write_repository
+
+    plan = Path(engine_dir) / "model.plan"
+    version_dir = write_repository(
+        Path(out_dir),
+        Path(onnx_dir) / ONNX_FILE,
+        version,
+        settings,
+        plan_path=plan if plan.is_file() else None,
+    )
+    return {
+        "repository": str(out_dir),
+        "model_name": settings.model_name,
+        "version": version,
+        "served_format": "tensorrt_plan" if plan.is_file() else "onnx",
+        "version_dir": str(version_dir),
     }

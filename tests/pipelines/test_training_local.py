@@ -7,7 +7,7 @@ import pytest
 
 from drseg.config import Settings, load_settings
 from drseg.data import dataset
-from drseg.run import format_run_summary, run_pipeline
+from drseg.run import RunError, format_run_summary, pipeline_arguments, run_pipeline
 
 
 @pytest.fixture
@@ -16,9 +16,15 @@ def settings(tmp_path: Path) -> Settings:
         environ={
             "DRSEG_HOME": str(tmp_path / "home"),
             "DRSEG_SYNTH__N": "4",
+            "DRSEG_SYNTH__POOL_N": "3",
             "DRSEG_SYNTH__WIDTH": "256",
             "DRSEG_INGEST__WORKING_WIDTH": "128",
             "DRSEG_MODEL__ENCODER": "resnet18",
+            "DRSEG_PRETRAIN__CROP_SIZE": "64",
+            "DRSEG_PRETRAIN__BATCH_SIZE": "4",
+            "DRSEG_PRETRAIN__MAX_STEPS": "2",
+            "DRSEG_PRETRAIN__WARMUP_STEPS": "1",
+            "DRSEG_PRETRAIN__NUM_WORKERS": "0",
             "DRSEG_FINETUNE__PATCH_SIZE": "64",
             "DRSEG_FINETUNE__BATCH_SIZE": "2",
             "DRSEG_FINETUNE__MAX_STEPS": "2",
@@ -26,6 +32,10 @@ def settings(tmp_path: Path) -> Settings:
             "DRSEG_FINETUNE__NUM_WORKERS": "0",
             "DRSEG_EVALUATE__TILE_SIZE": "64",
             "DRSEG_EVALUATE__TTA_FLIPS": "false",
+            # A 2-step model cannot reach the default gate (merged Dice >= 0.8); this test
+            # is about the plumbing of a passing run, so its gate asks for nothing.
+            "DRSEG_GATE__MINIMUM": "0.0",
+            "DRSEG_EXPORT__PARITY_TOLERANCE": "0.001",
         }
     )
 
@@ -37,15 +47,46 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     assert (settings.home / "runs" / "latest").resolve() == run.resolve()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "succeeded"
-    assert [(s["name"], s["status"]) for s in summary["steps"]] == [
-        ("synth", "success"),
-        ("ingest", "success"),
-        ("clahe", "success"),
-        ("finetune", "success"),
-        ("evaluate", "success"),
-    ]
-    ingest, clahe, trained, evaluated = (s["outputs"] for s in summary["steps"][1:])
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert {name: s["status"] for name, s in steps.items()} == {
+        name: "success"
+        for name in (
+            "synth",
+            "ingest",
+            "clahe",
+            "pool-ingest",
+            "pool-clahe",
+            "pretrain",
+            "finetune",
+            "evaluate",
+            "gate",
+            "export",
+            "register",
+            "tensorrt",
+            "triton-repository",
+        )
+    }
+    order = [s["name"] for s in summary["steps"]]
+    assert order.index("pretrain") < order.index("finetune") < order.index("evaluate")
+    assert order.index("gate") < order.index("export") < order.index("register")
+    # No TensorRT here: the ONNX model is served, and the summary says why.
+    assert summary["served"]["format"] == "onnx"
+    assert "no TensorRT engine built" in summary["served"]["reason"]
+    repository = Path(steps["triton-repository"]["outputs"]["repository"]["path"])
+    version = steps["register"]["outputs"]["Output"]
+    assert version == 1
+    assert (repository / "drseg" / "1" / "model.onnx").is_file()
+    assert 'platform: "onnxruntime_onnx"' in (repository / "drseg" / "config.pbtxt").read_text()
+    ingest, clahe, trained, evaluated = (
+        steps[name]["outputs"] for name in ("ingest", "clahe", "finetune", "evaluate")
+    )
     assert ingest["dataset"]["metadata"]["records"] == 4
+    pool = steps["pool-ingest"]["outputs"]["dataset"]["metadata"]
+    assert (pool["layout"], pool["records"], pool["val"]) == ("unlabelled", 3, 0)
+    # Fine-tuning started from the encoder the pretrain step wrote.
+    encoder = Path(steps["pretrain"]["outputs"]["encoder"]["path"]) / "encoder.pt"
+    card = json.loads((Path(trained["model"]["path"]) / "model.json").read_text())
+    assert card["encoder_init"] == dataset.sha256(encoder.read_bytes())
     ingested = dataset.load_manifest(Path(ingest["dataset"]["path"]))
     enhanced = dataset.load_manifest(Path(clahe["enhanced"]["path"]))
     assert ingest["Output"] == ingested.dataset_hash == enhanced.parent_hash
@@ -65,7 +106,10 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     client = MlflowClient(f"sqlite:///{settings.home.resolve() / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("drseg").experiment_id])
     children = {r.data.tags["drseg.stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert set(children) == {"finetune", "evaluate"}
+    assert set(children) == {"pretrain", "finetune", "evaluate", "gate", "register"}
+    assert children["gate"].data.tags["drseg.gate"] == "passed (1 rule)"
+    registered = client.get_model_version_by_alias("drseg-lesions", "challenger")
+    assert str(registered.version) == "1"
     assert len({r.data.tags["mlflow.parentRunId"] for r in children.values()}) == 1
     assert children["finetune"].data.tags["drseg.dataset_hash"] == enhanced.dataset_hash
     printed = capsys.readouterr().out
@@ -75,12 +119,51 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     assert "records" in (run / "pipeline.log").read_text()
 
 
+def test_a_failed_gate_ends_the_run_gated_and_registers_nothing(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default gate (merged Dice >= 0.8) against a 2-step model: a clean stop."""
+    strict = settings.model_copy(
+        update={
+            "gate": settings.gate.model_copy(update={"minimum": 0.8}),
+            "pretrain": settings.pretrain.model_copy(update={"enabled": False}),
+            "synth": settings.synth.model_copy(update={"n": 3}),
+        }
+    )
+    run = run_pipeline(strict)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "gated"
+    assert "merged any-lesion Dice" in summary["reason"]
+    assert "nothing was registered" in summary["reason"]
+    names = [s["name"] for s in summary["steps"]]
+    assert "gate" in names and not {"export", "register", "triton-repository"} & set(names)
+    pretrain = next(s for s in summary["steps"] if s["name"] == "pretrain")
+    assert pretrain["outputs"]["encoder"]["metadata"]["skipped"] is True
+    table = format_run_summary(summary, run)
+    assert "| merged any-lesion Dice | ≥ 0.8000 |" in table and "**fail**" in table
+
+
 def test_failed_step_is_recorded_not_raised(settings: Settings, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    run = run_pipeline(settings, source=str(empty))
+    run = run_pipeline(settings, source=str(empty), pool=str(empty))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed"
-    assert [(s["name"], s["status"]) for s in summary["steps"]] == [("ingest", "failure")]
+    assert ("ingest", "failure") in [(s["name"], s["status"]) for s in summary["steps"]]
     assert "ingest" in summary["error"]
     assert "only 0 valid records" in (run / "pipeline.log").read_text()
+
+
+def test_a_source_without_a_pool_needs_pretraining_off(settings: Settings) -> None:
+    with pytest.raises(RunError, match="--pool"):
+        run_pipeline(settings, source="/data/idrid")
+    assert not (settings.home / "runs").exists()
+    random_init = settings.model_copy(
+        update={"pretrain": settings.pretrain.model_copy(update={"enabled": False})}
+    )
+    arguments = pipeline_arguments(random_init, "/data/idrid", None)
+    assert arguments["pool_source"] == "/data/idrid"
+    assert json.loads(arguments["pretrain_config"])["enabled"] is False
+    with_pool = pipeline_arguments(settings, "/data/idrid", "/data/pool")
+    pool_ingest = json.loads(with_pool["pool_ingest_config"])
+    assert (pool_ingest["layout"], pool_ingest["val_fraction"]) == ("unlabelled", 0.0)

@@ -7,6 +7,7 @@ from drseg.train.losses import (
     DICE_SMOOTH,
     bce_per_class,
     multitask_loss,
+    nt_xent,
     reconstruction_loss,
     soft_dice_loss,
 )
@@ -96,3 +97,61 @@ def test_total_is_dice_plus_bce_plus_weighted_reconstruction() -> None:
     without = multitask_loss(logits, target, (1.0,) * 4)
     assert without.reconstruction.item() == 0.0
     assert without.loss.item() == pytest.approx(parts.loss.item() - 0.1, abs=1e-5)
+
+
+# NT-Xent. Rows of z1 and z2 are the two views of one photograph; they are left unnormalised
+# so that the test covers the L2 normalisation. Normalised, in the order [a1, a2, b1, b2]:
+# a1 = (1, 0), a2 = (0, 1), b1 = (1, 1) / sqrt 2, b2 = (-1, 0).
+Z1 = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
+Z2 = torch.tensor([[3.0, 3.0], [-4.0, 0.0]])
+R = 1 / math.sqrt(2)
+COSINES = [
+    [1.0, 0.0, R, -1.0],
+    [0.0, 1.0, R, 0.0],
+    [R, R, 1.0, -R],
+    [-1.0, 0.0, -R, 1.0],
+]
+POSITIVE = [2, 3, 0, 1]
+"""Each embedding's other view: a1 <-> b1, a2 <-> b2."""
+
+
+def _nt_xent_by_hand(temperature: float) -> float:
+    total = 0.0
+    for i, row in enumerate(COSINES):
+        others = [c / temperature for j, c in enumerate(row) if j != i]  # self left out
+        log_softmax = row[POSITIVE[i]] / temperature - math.log(sum(map(math.exp, others)))
+        total -= log_softmax
+    return total / len(COSINES)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.1])
+def test_nt_xent_by_hand(temperature: float) -> None:
+    loss = nt_xent(Z1, Z2, temperature)
+    assert loss.item() == pytest.approx(_nt_xent_by_hand(temperature), rel=1e-6)
+
+
+def test_nt_xent_pairs_each_sample_with_its_other_view() -> None:
+    generator = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(2, 6, 8, generator=generator)
+    loss = nt_xent(z1, z2, 0.2)
+    # Swapping the views, or reordering the photographs in both, keeps every pair.
+    assert nt_xent(z2, z1, 0.2).item() == pytest.approx(loss.item(), rel=1e-6)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert nt_xent(z1[order], z2[order], 0.2).item() == pytest.approx(loss.item(), rel=1e-6)
+    # Reordering one view breaks the pairs.
+    assert abs(nt_xent(z1, z2[order], 0.2).item() - loss.item()) > 0.01
+    # Cosine similarity: the embeddings' lengths do not matter.
+    assert nt_xent(3 * z1, 0.25 * z2, 0.2).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_nt_xent_is_low_for_matching_views_and_high_for_swapped_ones() -> None:
+    views = torch.eye(4)
+    aligned = nt_xent(views, views, 0.1).item()
+    # Each positive scores 1 / 0.1, the 6 negatives (the other rows, twice) score 0.
+    assert aligned == pytest.approx(math.log1p(6 * math.exp(-10)), abs=1e-7)
+    assert nt_xent(views, views[[1, 0, 3, 2]], 0.1).item() > 9
+
+
+def test_nt_xent_refuses_unpaired_embeddings() -> None:
+    with pytest.raises(ValueError, match=r"two \(N, D\) tensors of one shape"):
+        nt_xent(torch.zeros(4, 8), torch.zeros(3, 8), 0.2)

@@ -134,7 +134,7 @@ def load_matching_state(
 
 def load_encoder(model: MultiTaskUNet, path: Path) -> None:
     """Load encoder weights written by `save_encoder`; every tensor must match, or nothing loads."""
-    fix = "pass the file the pretrain stage wrote, or unset finetune.encoder_init"
+    fix = "pass the encoder.pt the pretrain stage wrote, or set finetune.init to random"
     payload = read_weights_file(path, fix)
     if not isinstance(payload, dict) or not {"encoder", "encoder_name"} <= payload.keys():
         raise ValueError(

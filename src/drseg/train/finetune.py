@@ -238,16 +238,21 @@ def finetune(
     model: ModelSettings,
     settings: FinetuneSettings,
     log_metrics: MetricsLogger | None = None,
+    encoder: Path | None = None,
 ) -> FinetuneResult:
-    """Train (or resume training) and write <out>/checkpoints/last.ckpt and <out>/model.pt."""
+    """Train (or resume training) and write <out>/checkpoints/last.ckpt and <out>/model.pt.
+
+    `encoder` is an encoder weights file (the pretrain stage's) to start from; None starts
+    from random weights. A resumed run takes its weights from the checkpoint instead.
+    """
     _check_lengths(model, settings)
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
     last = checkpoints / LAST_CHECKPOINT
     pl.seed_everything(settings.seed, verbose=False)
     network = build_model(model)
-    if settings.encoder_init is not None:
-        load_encoder(network, settings.encoder_init)
+    if encoder is not None:
+        load_encoder(network, encoder)
     module = FinetuneModule(
         network, load_train_split(dataset_dir, model.classes), model, settings, log_metrics
     )

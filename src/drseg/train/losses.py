@@ -4,6 +4,8 @@ Dice is computed per class over the whole batch (all patches' pixels together), 
 patch: most patches hold no pixel of a given class, and a per-patch Dice would be 0/0 for
 them. BCE adds a per-pixel gradient that Dice lacks early in training when predictions are
 near 0.5 everywhere.
+
+Pretraining's contrastive loss, NT-Xent, is here too, next to the losses it precedes.
 """
 
 from __future__ import annotations
@@ -97,3 +99,24 @@ def multitask_loss(
     if reconstruction is not None and reconstruction_target is not None:
         recon = reconstruction_loss(reconstruction, reconstruction_target, reconstruction_kind)
     return LossParts(dice + bce + reconstruction_weight * recon, dice, bce, recon)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent: (N, D) embeddings of two views of N photographs -> scalar loss.
+
+    Over the 2N L2-normalised embeddings, each is scored against the other 2N - 1 by cosine
+    similarity / temperature, and the loss is the mean cross-entropy of picking its own
+    photograph's other view; the 2N - 2 other views are the negatives. Computed in fp32:
+    bf16 similarities divided by a small temperature would round the logits coarsely.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(
+            f"nt_xent needs two (N, D) tensors of one shape, got {z1.shape}, {z2.shape}"
+        )
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    logits = (z @ z.T) / temperature
+    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pairs, float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, positives)

@@ -1,0 +1,36 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def pretrain(
+    pool: Input[Dataset],
+    pool_hash: str,
+    labelled: Input[Dataset],
+    model_config: str,
+    config: str,
+    pipeline_run_id: str,
+    encoder: Output[Model],
+) -> str:
+    """SimCLR pretraining of the U-Net encoder on the unlabelled pool; returns the MLflow
+    run id ("" when pretrain.enabled is false and the step does nothing)."""
+    from pathlib import Path
+
+    from drseg.config import ModelSettings, PretrainSettings, load_settings
+    from drseg.steps import pretrain_step
+
+    env = load_settings()
+    figures = pretrain_step(
+        [Path(pool.path)],
+        Path(labelled.path),
+        Path(encoder.path),
+        ModelSettings.model_validate_json(model_config),
+        PretrainSettings.model_validate_json(config),
+        env.tracking,
+        env.home,
+        pipeline_run_id,
+    )
+    encoder.metadata.update({**figures, "pool_hash": pool_hash})
+    return str(figures.get("mlflow_run_id", ""))

@@ -1,0 +1,309 @@
+"""Segment photographs with a served model: photograph -> Triton -> masks, overlay, areas.
+
+The contract (working width, CLAHE, normalisation, classes, thresholds) is read from the
+exported ONNX file the caller names, the same file the server serves (in a repository:
+``<repo>/<model>/<version>/model.onnx``), and the request is pinned to the contract's model
+version, so preprocessing and thresholds always belong to the model that answers. The
+server's own model metadata is checked against it (names, class count) before any request.
+It is not read from Triton's config endpoint: pytriton writes the Python backend's
+parameters itself, so the local server could not publish it there.
+
+Preprocessing is the training path, by the same functions: decode (drseg.data.validation),
+resize to the working width, field of view and CLAHE (drseg.preprocess), then
+(rgb / 255 - mean) / std with the contract's values. The whole working-size image goes in
+one request, padded at the bottom and right to a multiple of 32 by repeating edge pixels
+(as tiled evaluation pads), and the output is cropped back. No tiling: the network is
+fully convolutional and a working-size image (1024 x 704 padded, for IDRiD) is one
+request; a TensorRT plan accepts it while it lies within export.trt_max_shape. Evaluation
+tuned the thresholds on tiled, flip-averaged probabilities (six 512-px tiles x four flips
+at 1024 x 680, ~9x the pixels of one whole-image pass, which also sees more context); how
+much that moves Dice needs a trained model to measure.
+A pixel is a lesion when its probability is >= the class threshold and it lies inside the
+field of view (evaluation scores only the field of view).
+
+Outputs per photograph, at the working size, in ``<out_dir>/<photograph stem>/`` (built
+under a temporary name, renamed when complete): ``overlay.png`` (lesions filled in class
+colours), ``mask_<class>.png`` (0/255) and ``lesions.json`` (lesion pixels, share of the
+field of view and connected components per class; ``source_pixels_per_pixel`` converts
+areas to the photograph's own resolution).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from drseg import atomic
+from drseg.config import IngestSettings
+from drseg.data import dataset
+from drseg.data.validation import Rejected, decode_image, read_header
+from drseg.evaluate.plots import CLASS_COLOURS, OTHER_COLOUR
+from drseg.export.onnx_export import ServingContract, pad_to_multiple, read_contract
+from drseg.preprocess import clahe, fov_mask, resize_image, working_size
+
+Protocol = Literal["http", "grpc"]
+Image = npt.NDArray[np.uint8]
+Masks = npt.NDArray[np.bool_]
+Floats = npt.NDArray[np.float32]
+
+OVERLAY_FILE = "overlay.png"
+SUMMARY_FILE = "lesions.json"
+OVERLAY_ALPHA = 0.45
+
+MAX_PIXELS = IngestSettings().max_pixels
+"""The photograph size ingest accepts; larger files are refused from their header."""
+
+
+@dataclass(frozen=True)
+class PreparedPhotograph:
+    path: Path
+    source_size: tuple[int, int]
+    """(width, height) of the file."""
+    rgb: Image
+    """At the working size, before CLAHE: what the overlay is drawn on."""
+    fov: Masks
+    model_input: Floats
+    """(3, H', W') float32, normalised, padded to the contract's size multiple."""
+
+
+def normalise(rgb: Image, contract: ServingContract) -> Floats:
+    """H x W x 3 uint8 -> 3 x H x W float32, (rgb / 255 - mean) / std."""
+    mean = np.asarray(contract.mean, np.float32)[:, None, None]
+    std = np.asarray(contract.std, np.float32)[:, None, None]
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    return np.asarray((chw - mean) / std, np.float32)
+
+
+def prepare_photograph(
+    path: Path, contract: ServingContract, max_pixels: int = MAX_PIXELS
+) -> PreparedPhotograph:
+    """Decode, resize, field of view, CLAHE and normalise exactly as ingest + clahe +
+    training did, with the contract's parameters."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: photograph not found; pass an existing image file")
+    data = path.read_bytes()
+    try:
+        header = read_header(data, path.stem, str(path), max_pixels)
+        rgb = decode_image(data, header, path.stem, str(path), contract.working_width).rgb
+    except Rejected as exc:
+        problem = exc.problem
+        raise ValueError(f"{problem.path}: {problem.problem}; {problem.fix}") from exc
+    image = resize_image(rgb, working_size(header.width, header.height, contract.working_width))
+    fov = fov_mask(image)
+    if not fov.any():
+        raise ValueError(
+            f"{path}: no field of view found (the photograph is almost all black); pass a "
+            f"colour fundus photograph"
+        )
+    enhanced = clahe(image, fov, contract.clahe_clip_limit, contract.clahe_tile_grid)
+    model_input = pad_to_multiple(normalise(enhanced, contract), contract.size_multiple)
+    return PreparedPhotograph(path, (header.width, header.height), image, fov, model_input)
+
+
+def lesion_masks(probabilities: Floats, fov: Masks, contract: ServingContract) -> Masks:
+    """(C, H, W) probabilities -> (C, H, W) bool: >= the class threshold, inside the FOV."""
+    thresholds = np.array([contract.thresholds[c] for c in contract.classes], np.float64)
+    return np.asarray((probabilities >= thresholds[:, None, None]) & fov[None])
+
+
+def lesion_summary(
+    masks: Masks, fov: Masks, contract: ServingContract
+) -> dict[str, dict[str, Any]]:
+    """Per class: lesion pixels, their share of the field of view, connected components
+    (8-connected: diagonal neighbours belong to the same lesion)."""
+    fov_pixels = max(1, int(fov.sum()))
+    summary = {}
+    for cls, mask in zip(contract.classes, masks, strict=True):
+        pixels = int(mask.sum())
+        components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+        summary[cls] = {
+            "threshold": contract.thresholds[cls],
+            "lesion_pixels": pixels,
+            "fov_fraction": pixels / fov_pixels,
+            "components": int(components),
+        }
+    return summary
+
+
+def overlay(rgb: Image, masks: Masks, classes: Sequence[str]) -> Image:
+    """The photograph with each class's lesions filled in its translucent colour."""
+    picture = rgb.astype(np.float32)
+    for cls, mask in zip(classes, masks, strict=True):
+        colour = np.array(CLASS_COLOURS.get(cls, OTHER_COLOUR), np.float32)
+        picture[mask] = (1 - OVERLAY_ALPHA) * picture[mask] + OVERLAY_ALPHA * colour
+    return np.asarray(picture.round().astype(np.uint8))
+
+
+class _TritonModel:
+    """One model version on a Triton server, over HTTP or gRPC (tritonclient)."""
+
+    def __init__(
+        self, url: str, protocol: Protocol, name: str, version: str, timeout_s: float
+    ) -> None:
+        if protocol == "http":
+            import tritonclient.http as client_module
+
+            self._client = client_module.InferenceServerClient(
+                url, connection_timeout=timeout_s, network_timeout=timeout_s
+            )
+        else:
+            import tritonclient.grpc as client_module
+
+            self._client = client_module.InferenceServerClient(url)
+        self._module, self._protocol = client_module, protocol
+        self._name, self._version, self._timeout_s = name, version, timeout_s
+
+    def metadata(self) -> dict[str, Any]:
+        if self._protocol == "http":
+            found: dict[str, Any] = self._client.get_model_metadata(self._name, self._version)
+        else:
+            found = self._client.get_model_metadata(self._name, self._version, as_json=True)
+        return found
+
+    def infer(self, input_name: str, array: Floats, output_name: str) -> Floats:
+        request = self._module.InferInput(input_name, list(array.shape), "FP32")
+        wanted = self._module.InferRequestedOutput(output_name)
+        if self._protocol == "http":
+            request.set_data_from_numpy(array, binary_data=True)
+            result = self._client.infer(
+                self._name, [request], model_version=self._version, outputs=[wanted]
+            )
+        else:
+            request.set_data_from_numpy(array)
+            result = self._client.infer(
+                self._name,
+                [request],
+                model_version=self._version,
+                outputs=[wanted],
+                client_timeout=self._timeout_s,
+            )
+        return np.asarray(result.as_numpy(output_name), np.float32)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _check_served(metadata: dict[str, Any], contract: ServingContract, model_file: Path) -> None:
+    """The served model must have the contract's input, output and number of classes."""
+    inputs = {i["name"]: i for i in metadata.get("inputs", [])}
+    outputs = {o["name"]: o for o in metadata.get("outputs", [])}
+    problem = None
+    if contract.input_name not in inputs:
+        problem = f"no input {contract.input_name!r} (inputs: {sorted(inputs)})"
+    elif contract.output_name not in outputs:
+        problem = f"no output {contract.output_name!r} (outputs: {sorted(outputs)})"
+    else:
+        channels = int(outputs[contract.output_name]["shape"][1])
+        if channels not in (-1, len(contract.classes)):
+            problem = f"{channels} output channels, the contract {len(contract.classes)} classes"
+    if problem:
+        raise ValueError(
+            f"served model {metadata.get('name')!r} version {metadata.get('versions')}: "
+            f"{problem}; pass the model.onnx of the served version instead of {model_file}"
+        )
+
+
+@dataclass(frozen=True)
+class PhotoResult:
+    photograph: Path
+    folder: Path
+    classes: dict[str, dict[str, Any]]
+    infer_seconds: float
+    """One request's round trip (send, inference, receive)."""
+    total_seconds: float
+    """Preprocessing, round trip and writing the outputs."""
+
+
+def _output_folders(photos: Sequence[Path], out_dir: Path) -> list[Path]:
+    """One new folder per photograph, named by its stem; checked before any request."""
+    folders = [Path(out_dir) / Path(p).stem for p in photos]
+    seen: dict[Path, Path] = {}
+    for photo, folder in zip(photos, folders, strict=True):
+        if folder in seen:
+            raise ValueError(
+                f"{photo} and {seen[folder]} would both write {folder}; rename one or "
+                f"predict them into different out_dir"
+            )
+        seen[folder] = Path(photo)
+        if folder.exists():
+            raise FileExistsError(f"{folder}: already exists; choose another out_dir")
+    return folders
+
+
+def _write_outputs(
+    folder: Path,
+    prepared: PreparedPhotograph,
+    masks: Masks,
+    summary: dict[str, Any],
+    contract: ServingContract,
+) -> None:
+    with atomic.output_dir(folder) as work:
+        picture = cv2.cvtColor(overlay(prepared.rgb, masks, contract.classes), cv2.COLOR_RGB2BGR)
+        ok, encoded = cv2.imencode(".png", picture, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise OSError(f"{folder / OVERLAY_FILE}: PNG encoding failed")
+        atomic.write_bytes(work / OVERLAY_FILE, encoded.tobytes())
+        for cls, mask in zip(contract.classes, masks, strict=True):
+            dataset.write_mask(work / f"mask_{cls}.png", mask)
+        dataset.write_json(work / SUMMARY_FILE, summary)
+
+
+def predict(
+    photos: Sequence[Path],
+    server_url: str,
+    protocol: Protocol,
+    out_dir: Path,
+    model_file: Path,
+    model_name: str = "drseg",
+    timeout_s: float = 120.0,
+) -> list[PhotoResult]:
+    """Segment each photograph on the Triton server at `server_url` (host:port of its HTTP
+    or gRPC endpoint) and write its outputs; `model_file` is the served model.onnx, whose
+    contract is applied and whose version is requested."""
+    contract = read_contract(Path(model_file))
+    folders = _output_folders(photos, Path(out_dir))
+    version = "" if contract.model_version is None else str(contract.model_version)
+    model = _TritonModel(server_url.split("://")[-1], protocol, model_name, version, timeout_s)
+    try:
+        _check_served(model.metadata(), contract, Path(model_file))
+        results = []
+        for photo, folder in zip(photos, folders, strict=True):
+            started = time.perf_counter()
+            prepared = prepare_photograph(Path(photo), contract)
+            sent = time.perf_counter()
+            output = model.infer(
+                contract.input_name, prepared.model_input[None], contract.output_name
+            )
+            infer_seconds = time.perf_counter() - sent
+            height, width = prepared.fov.shape
+            masks = lesion_masks(output[0, :, :height, :width], prepared.fov, contract)
+            classes = lesion_summary(masks, prepared.fov, contract)
+            source_w, source_h = prepared.source_size
+            summary = {
+                "photograph": str(photo),
+                "source_size": [source_w, source_h],
+                "working_size": [width, height],
+                "source_pixels_per_pixel": (source_w * source_h) / (width * height),
+                "model": {
+                    "name": model_name,
+                    "version": contract.model_version,
+                    "encoder": contract.encoder,
+                    "dataset_hash": contract.dataset_hash,
+                },
+                "fov_pixels": int(prepared.fov.sum()),
+                "classes": classes,
+            }
+            _write_outputs(folder, prepared, masks, summary, contract)
+            total = time.perf_counter() - started
+            results.append(PhotoResult(Path(photo), folder, classes, infer_seconds, total))
+    finally:
+        model.close()
+    return results

@@ -1,0 +1,223 @@
+"""`drseg serve`: a real Triton server on this machine, serving a model repository's ONNX.
+
+The server is Triton itself (the tritonserver that nvidia-pytriton bundles), so clients,
+health (/v2/health/live, /v2/health/ready), model metadata and config, and Prometheus
+metrics (<metrics port>/metrics) are Triton's own. That build has only the Python backend,
+so ONNX Runtime runs inside the bound Python function, in this process, on the
+repository's model.onnx; the model is exposed under the name, version, inputs, outputs,
+batch size and dynamic batching of the repository's config.pbtxt. On a cluster the same
+repository runs in the Triton image with its ONNX Runtime or TensorRT backend instead.
+
+Preprocessing stays on the client (drseg.serving.client), which applies the contract stored
+in the ONNX file; the server serves the raw graph. That keeps the served interface the
+one config.pbtxt describes, identical here and under the real backends (a server-side
+BYTES model would exist only in the Python backend and would need an ensemble on the
+cluster), and the CPU-heavy decode, resize and CLAHE scale with the clients, not the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+from tritonclient.grpc import model_config_pb2
+
+from drseg.config import ServeSettings
+from drseg.serving.repository import (
+    CONFIG_FILE,
+    ONNX_FILE,
+    ONNX_PLATFORM,
+    read_config,
+    versions,
+)
+
+_NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: int
+    onnx_path: Path
+    config: Any
+    """model_config_pb2.ModelConfig read from the repository's config.pbtxt."""
+
+
+def resolve_model(repository: Path, model_name: str, version: int | None = None) -> ServedModel:
+    """The model folder's config and the model.onnx of `version` (None: the latest)."""
+    repository = Path(repository)
+    config = read_config(repository / model_name / CONFIG_FILE)
+    if config.platform != ONNX_PLATFORM:
+        raise ValueError(
+            f"{repository / model_name / CONFIG_FILE}: platform {config.platform!r}; the local "
+            f"server runs ONNX Runtime only, so serve a repository written without a plan "
+            f"(a TensorRT plan needs the Triton image on a GPU node)"
+        )
+    available = versions(repository, model_name)
+    if not available:
+        raise FileNotFoundError(
+            f"{repository / model_name}: no version folders; add one with write_repository"
+        )
+    chosen = available[-1] if version is None else version
+    if chosen not in available:
+        raise FileNotFoundError(
+            f"{repository / model_name}: no version {chosen} (versions: {available}); pass "
+            f"one of those or none for the latest"
+        )
+    onnx_path = repository / model_name / str(chosen) / ONNX_FILE
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: missing; write the version again")
+    return ServedModel(model_name, chosen, onnx_path, config)
+
+
+def _tensors(entries: Any, source: Path) -> list[Tensor]:
+    tensors = []
+    for entry in entries:
+        type_name = model_config_pb2.DataType.Name(entry.data_type)
+        if type_name not in _NUMPY_TYPES:
+            raise ValueError(f"{source}: {entry.name!r} has type {type_name}; expected FP32/FP16")
+        tensors.append(
+            Tensor(name=entry.name, dtype=_NUMPY_TYPES[type_name], shape=tuple(entry.dims))
+        )
+    return tensors
+
+
+def _session(model: ServedModel, threads: int) -> ort.InferenceSession:
+    """ONNX Runtime on the CPU, checked against config.pbtxt's input and output names."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        str(model.onnx_path), options, providers=["CPUExecutionProvider"]
+    )
+    graph = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    config = ([i.name for i in model.config.input], [o.name for o in model.config.output])
+    if graph != config:
+        raise ValueError(
+            f"{model.onnx_path}: graph inputs/outputs {graph} differ from {CONFIG_FILE}'s "
+            f"{config}; write the repository again from this ONNX file"
+        )
+    return session
+
+
+def _infer_function(session: ort.InferenceSession) -> Callable[..., Any]:
+    """Triton's batched request (one array per input) -> one array per output."""
+    output_names = [o.name for o in session.get_outputs()]
+
+    def infer(**inputs: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
+        results = session.run(output_names, inputs)
+        return dict(zip(output_names, results, strict=True))
+
+    batched: Callable[..., Any] = batch(infer)
+    return batched
+
+
+def _instances(config: Any) -> int:
+    """config.pbtxt's instance count; each instance is a handler thread sharing the ONNX
+    Runtime session (its run() is thread-safe). The Python backend runs on the CPU, so the
+    kind (KIND_GPU on a cluster) does not apply here."""
+    return max(1, int(sum(group.count for group in config.instance_group)))
+
+
+def _prefer_interpreter_libpython() -> None:
+    """The bundled backend stub links libpython3.11.so: without the running interpreter's
+    LIBDIR on LD_LIBRARY_PATH it can pick up another build and fail to load the model with
+    "'_thread.RLock' object has no attribute '_recursion_count'"."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    current = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir and libdir not in current.split(":"):
+        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    model: ServedModel
+    http_url: str
+    """host:port, the form tritonclient takes."""
+    grpc_url: str
+    metrics_url: str
+    triton: Triton
+
+    def wait(self) -> None:
+        """Block while the server is alive; returns on Ctrl-C or when Triton stops."""
+        self.triton.serve()
+
+
+@contextlib.contextmanager
+def running_server(
+    repository: Path,
+    settings: ServeSettings,
+    version: int | None = None,
+    log_file: Path | None = None,
+) -> Iterator[RunningServer]:
+    """Start Triton with the repository's model loaded; stop it when the block ends.
+
+    Ready when this yields (Triton's /v2/health/ready answers 200). `log_file`: Triton's
+    log goes there instead of the console.
+    """
+    model = resolve_model(Path(repository), settings.model_name, version)
+    session = _session(model, settings.ort_threads)
+    config_path = Path(repository) / model.name / CONFIG_FILE
+    batcher = model.config.dynamic_batching
+    _prefer_interpreter_libpython()
+    triton = Triton(
+        config=TritonConfig(
+            http_address=settings.host,
+            http_port=settings.http_port,
+            grpc_address=settings.host,
+            grpc_port=settings.grpc_port,
+            metrics_address=settings.host,
+            metrics_port=settings.metrics_port,
+            exit_timeout_secs=settings.exit_timeout_s,
+            log_file=None if log_file is None else Path(log_file),
+        )
+    )
+    try:
+        triton.bind(
+            model_name=model.name,
+            infer_func=[_infer_function(session) for _ in range(_instances(model.config))],
+            inputs=_tensors(model.config.input, config_path),
+            outputs=_tensors(model.config.output, config_path),
+            model_version=model.version,
+            config=ModelConfig(
+                max_batch_size=model.config.max_batch_size,
+                batcher=DynamicBatcher(
+                    preferred_batch_size=list(batcher.preferred_batch_size),
+                    max_queue_delay_microseconds=batcher.max_queue_delay_microseconds,
+                ),
+            ),
+            strict=True,
+        )
+        triton.run()
+        host = settings.host
+        yield RunningServer(
+            model,
+            f"{host}:{settings.http_port}",
+            f"{host}:{settings.grpc_port}",
+            f"http://{host}:{settings.metrics_port}/metrics",
+            triton,
+        )
+    finally:
+        triton.stop()
+
+
+def serve(repository: Path, settings: ServeSettings, version: int | None = None) -> None:
+    """`drseg serve`: run until Ctrl-C."""
+    with running_server(repository, settings, version) as server:
+        print(
+            f"serving {server.model.name} version {server.model.version} "
+            f"({server.model.onnx_path}): HTTP {server.http_url}, gRPC {server.grpc_url}, "
+            f"metrics {server.metrics_url}; health: http://{server.http_url}/v2/health/ready",
+            flush=True,
+        )
+        server.wait()

@@ -1,0 +1,333 @@
+"""The pretrain stage: SimCLR on unlabelled photographs, for the U-Net's encoder.
+
+The encoder trained is the fine-tune model's own (`build_model(...).encoder`), so the weights
+saved to <out>/encoder.pt load into it key for key. Its deepest feature map is pooled and
+projected by an MLP; NT-Xent pulls the two views of a photograph together and pushes all
+other views in the step apart. Under DDP the embeddings of every device are gathered, so
+each view has the negatives of the global batch, and batch norm is synchronised (SimCLR's
+"global BN"): with per-device statistics the encoder can tell its own device's views apart
+by their batch statistics instead of their content.
+
+As the fine-tune stage: one code path for the laptop and the cluster (device, precision and
+strategy come from the settings), checkpoints every `checkpoint_every` steps in
+<out>/checkpoints, and the same call run again resumes from last.ckpt. Tracking is a
+callback (`log_metrics`); this module never imports MLflow or kfp.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from drseg.config import ModelSettings, PretrainSettings
+from drseg.data import dataset
+from drseg.models.unet import build_model, save_encoder, state_mismatch
+from drseg.steps import ENCODER_FILE
+from drseg.train.finetune import (
+    LAST_CHECKPOINT,
+    MetricsLogger,
+    learning_rate_factor,
+    resolve_precision,
+)
+from drseg.train.losses import nt_xent
+from drseg.train.views import (
+    Photograph,
+    ViewPair,
+    ViewPairStream,
+    check_crop_size,
+    load_photographs,
+    render_pairs,
+)
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # the unified `lightning` distribution (as on the GPU machines)
+    import lightning.pytorch as pl  # type: ignore[no-redef]
+
+LOG_EVERY = 10
+"""Steps between calls of `log_metrics` (the first and the last step are always logged)."""
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    encoder: Path
+    """Encoder weights (<out>/encoder.pt), for drseg.models.unet.load_encoder."""
+    steps: int
+    """Global step reached, counting steps of the runs this one resumed."""
+    final_loss: float
+    seconds: float
+    """Wall time of this call's training loop."""
+    images_per_second: float
+    """Views (two per photograph) per second in this call, over all devices."""
+
+
+def projection_head(features: int, projection_dim: int) -> torch.nn.Sequential:
+    """SimCLR's MLP: Linear-BN-ReLU-Linear; hidden width = the encoder's feature width."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(features, features),
+        torch.nn.BatchNorm1d(features),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.Linear(features, projection_dim),
+    )
+
+
+def embed(encoder: torch.nn.Module, projection: torch.nn.Module, views: Tensor) -> Tensor:
+    """(N, 3, S, S) views -> (N, projection_dim): deepest features, global average pool, MLP."""
+    deepest: Tensor = encoder(views)[-1]
+    embedded: Tensor = projection(deepest.mean(dim=(2, 3)))
+    return embedded
+
+
+def gathered_views(gathered: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """All devices' first and second views' embeddings from `all_gather` of [z1; z2].
+
+    `gathered` is (world, 2n, D), or (2n, D) on one device (Lightning adds no axis then); the
+    i-th first view and the i-th second view stay partners.
+    """
+    if gathered.dim() == 2:
+        gathered = gathered[None]
+    dim = gathered.shape[-1]
+    return gathered[:, :n].reshape(-1, dim), gathered[:, n:].reshape(-1, dim)
+
+
+class SimCLRModule(pl.LightningModule):
+    """Encoder + projection head trained with NT-Xent on views rendered on the device."""
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module,
+        photographs: Sequence[Photograph],
+        settings: PretrainSettings,
+        log_metrics: MetricsLogger | None,
+    ) -> None:
+        super().__init__()
+        # Channels-last, as in fine-tuning: it halves the time of bf16 convolutions on a GPU.
+        self.encoder = encoder.to(memory_format=torch.channels_last)
+        widths: tuple[int, ...] = encoder.out_channels  # type: ignore[assignment]
+        self.projection = projection_head(widths[-1], settings.projection_dim)
+        self.photographs = tuple(photographs)
+        self.settings = settings
+        self.log_metrics = log_metrics
+        self.last_loss = math.nan
+        self.steps_run = 0
+        self.seconds = 0.0
+        self._loss: Tensor | None = None
+        self._lr = 0.0
+        self._started = 0.0
+
+    def train_dataloader(self) -> DataLoader[ViewPair]:
+        settings = self.settings
+        # Called after a checkpoint is restored: seeding with the step makes a resumed run
+        # draw new views instead of replaying the ones it saw before the checkpoint.
+        seed = (settings.seed, self.global_rank, self.global_step)
+        stream = ViewPairStream(
+            self.photographs, settings.crop_size, settings.min_fov_fraction, seed
+        )
+        return DataLoader(
+            stream,
+            batch_size=settings.batch_size,
+            num_workers=settings.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=settings.num_workers > 0,
+        )
+
+    def on_after_batch_transfer(self, batch: ViewPair, dataloader_idx: int) -> Tensor:
+        """Render the views where the batch now is (the GPU), outside autocast: fp32 pixels."""
+        views = render_pairs(batch, self.settings.crop_size)
+        return views.contiguous(memory_format=torch.channels_last)
+
+    def configure_optimizers(self) -> Any:
+        settings = self.settings
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        factor = functools.partial(
+            learning_rate_factor,
+            warmup_steps=settings.warmup_steps,
+            max_steps=settings.max_steps,
+            schedule="cosine",
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def training_step(self, views: Tensor, batch_idx: int) -> Tensor:
+        z = embed(self.encoder, self.projection, views)
+        # sync_grads: each device's loss covers every device's views; the gradients reaching
+        # the gathered copies flow back to the device that computed them.
+        gathered = self.all_gather(z, sync_grads=True)
+        assert isinstance(gathered, Tensor)  # a tensor in, a tensor out
+        z1, z2 = gathered_views(gathered, len(views) // 2)
+        loss = nt_xent(z1, z2, self.settings.temperature)
+        self.log("loss", loss, prog_bar=True)
+        self._loss = loss
+        self._lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            pl.utilities.rank_zero_info(
+                f"resuming from step {self.global_step} ({self.trainer.ckpt_path})"
+            )
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.steps_run += 1
+        step = self.global_step
+        if self._loss is None or not (
+            step % LOG_EVERY == 0 or self.steps_run == 1 or step == self.settings.max_steps
+        ):
+            return
+        if self.log_metrics is not None and self.trainer.is_global_zero:
+            self.log_metrics({"loss": float(self._loss.detach()), "lr": self._lr}, step)
+
+    def on_train_end(self) -> None:
+        self.seconds = time.perf_counter() - self._started
+        if self._loss is not None:
+            self.last_loss = float(self._loss.detach())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        loss = self.last_loss if self._loss is None else float(self._loss.detach())
+        checkpoint["drseg"] = {"last_loss": loss}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.last_loss = float(checkpoint.get("drseg", {}).get("last_loss", math.nan))
+
+
+def pretrain_photographs(
+    dataset_dirs: Sequence[Path], labelled_dir: Path | None, include_labelled: bool
+) -> tuple[list[Photograph], list[str]]:
+    """Every photograph of the pools, plus the labelled train split if `include_labelled`;
+    and the dataset hashes of the folders read. Raises ValueError, with the fix, if none."""
+    sources: list[tuple[Path, dataset.Split | None]] = [(Path(d), None) for d in dataset_dirs]
+    if labelled_dir is not None and include_labelled:
+        sources.append((Path(labelled_dir), "train"))
+    photographs: list[Photograph] = []
+    hashes: list[str] = []
+    for root, split in sources:
+        hashes.append(dataset.load_manifest(root).dataset_hash)
+        photographs.extend(load_photographs(root, split))
+    if not photographs:
+        searched = ", ".join(
+            f"{root} ({'all records' if split is None else 'split ' + split})"
+            for root, split in sources
+        )
+        ignored = (
+            f"; {labelled_dir} was left out (pretrain.include_labelled is false)"
+            if labelled_dir is not None and not include_labelled
+            else ""
+        )
+        raise ValueError(
+            f"pretrain found no photograph in {searched or 'no dataset folder'}{ignored}; pass "
+            "an unlabelled pool ingested (and CLAHE-enhanced) with `drseg ingest`, or a "
+            "labelled dataset folder with a train split and pretrain.include_labelled: true"
+        )
+    return photographs, hashes
+
+
+def _check_resumable(checkpoint: Path, module: SimCLRModule) -> None:
+    """Refuse, with the fix, a checkpoint that other model or projection settings wrote."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    problem = state_mismatch(module, state["state_dict"])
+    if problem is not None:
+        raise ValueError(
+            f"{checkpoint}: cannot resume, the checkpoint was written for other model or "
+            f"pretrain settings ({problem}); use the settings of that run, or a new output "
+            "folder to start over"
+        )
+
+
+def pretrain(
+    dataset_dirs: Sequence[Path],
+    out_dir: Path,
+    model: ModelSettings,
+    settings: PretrainSettings,
+    log_metrics: MetricsLogger | None = None,
+    labelled_dir: Path | None = None,
+) -> PretrainResult:
+    """Train (or resume training) SimCLR and write <out>/encoder.pt.
+
+    `dataset_dirs`: unlabelled pools, every record used. `labelled_dir`: a labelled dataset
+    whose train split joins them when settings.include_labelled (never its val split, the
+    evaluation data). Checkpoints go to <out>/checkpoints; the same call resumes from them.
+    """
+    check_crop_size(settings.crop_size)
+    photographs, hashes = pretrain_photographs(
+        dataset_dirs, labelled_dir, settings.include_labelled
+    )
+    out_dir = Path(out_dir)
+    checkpoints = out_dir / "checkpoints"
+    last = checkpoints / LAST_CHECKPOINT
+    pl.seed_everything(settings.seed, verbose=False)
+    network = build_model(model)
+    module = SimCLRModule(network.encoder, photographs, settings, log_metrics)
+    trainer = pl.Trainer(
+        max_steps=settings.max_steps,
+        precision=resolve_precision(settings.precision),  # type: ignore[arg-type]
+        strategy=settings.strategy,
+        devices=settings.devices,
+        accelerator="auto",
+        sync_batchnorm=True,  # applied by the distributed strategies only
+        logger=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        default_root_dir=out_dir,
+        callbacks=[
+            pl.callbacks.ModelCheckpoint(
+                dirpath=checkpoints,
+                every_n_train_steps=settings.checkpoint_every,
+                save_top_k=0,
+                save_last=True,
+                save_on_train_epoch_end=False,
+                enable_version_counter=False,
+            )
+        ],
+    )
+    resume = last if last.is_file() else None
+    if resume is not None:
+        _check_resumable(resume, module)
+    trainer.fit(module, ckpt_path=resume)
+    if module.steps_run and trainer.global_step % settings.checkpoint_every:
+        # The final state, when the callback did not just save it: the same call run again
+        # then finds the run complete and trains nothing.
+        trainer.save_checkpoint(last, weights_only=False)
+    encoder = out_dir / ENCODER_FILE
+    if trainer.is_global_zero:
+        meta = {
+            "pretrain": json.loads(settings.model_dump_json()),
+            "dataset_hashes": hashes,
+            "photographs": len(photographs),
+            "steps": trainer.global_step,
+            "final_loss": module.last_loss,
+        }
+        save_encoder(network, encoder, meta)
+    views = module.steps_run * settings.batch_size * 2 * trainer.world_size
+    images_per_second = views / module.seconds if module.seconds > 0 else 0.0
+    if log_metrics is not None and trainer.is_global_zero:
+        log_metrics(
+            {
+                "images_per_second": images_per_second,
+                "train_seconds": module.seconds,
+                "steps_run": float(module.steps_run),
+            },
+            trainer.global_step,
+        )
+    return PretrainResult(
+        encoder=encoder,
+        steps=trainer.global_step,
+        final_loss=module.last_loss,
+        seconds=module.seconds,
+        images_per_second=images_per_second,
+    )

@@ -1,0 +1,299 @@
+"""Serving end to end: a real Triton (pytriton's bundled tritonserver) on 127.0.0.1 serving a
+repository written from a tiny exported model, queried with tritonclient over HTTP and gRPC.
+
+Served outputs are compared with direct ONNX Runtime outputs on the same input: pytriton's
+backend stub under the wrong numpy receives all-zero inputs without any error (STACK.md).
+The client's preprocessing is compared with what ingest + clahe wrote for training.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from drseg.config import ExportSettings, IngestSettings, ServeSettings
+from drseg.data import dataset
+from drseg.data.enhance import clahe_dataset
+from drseg.data.ingest import ingest
+from drseg.data.synthetic import write_synthetic_dataset
+from drseg.export.onnx_export import CONTRACT_KEY, export_onnx, read_contract
+from drseg.models.normalize import image_to_tensor
+from drseg.serving.client import (
+    OVERLAY_FILE,
+    SUMMARY_FILE,
+    PreparedPhotograph,
+    Protocol,
+    lesion_masks,
+    predict,
+    prepare_photograph,
+)
+from drseg.serving.repository import ONNX_FILE, write_repository
+from drseg.serving.server import RunningServer, resolve_model, running_server
+from tests.export import CLAHE, INGEST, clahe_dataset_from, write_metrics, write_tiny_model
+
+VERSION = 3
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _serve_settings() -> ServeSettings:
+    http, grpc, metrics = _free_ports(3)
+    return ServeSettings(http_port=http, grpc_port=grpc, metrics_port=metrics)
+
+
+def _export(work: Path, ingest_settings: IngestSettings) -> Path:
+    """Tiny model -> <work>/model.onnx, registry version VERSION."""
+    write_tiny_model(work / "model")
+    return export_onnx(
+        work / "model",
+        write_metrics(work / "metrics.json"),
+        work / "model.onnx",
+        ExportSettings(),
+        ingest_settings,
+        CLAHE,
+        model_version=VERSION,
+    ).path
+
+
+def _to_repository(onnx_path: Path, repository: Path) -> Path:
+    """Version VERSION of model drseg in `repository`; returns the served model.onnx."""
+    return write_repository(repository, onnx_path, VERSION, ServeSettings()) / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported with the test working width (192)."""
+    return _export(tmp_path_factory.mktemp("exported"), INGEST)
+
+
+@dataclass(frozen=True)
+class Served:
+    server: RunningServer
+    onnx_path: Path
+    photos: list[Path]
+
+
+@pytest.fixture(scope="module")
+def served(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    work = tmp_path_factory.mktemp("served")
+    write_synthetic_dataset(work / "source", n=2, seed=5, width=256)
+    onnx_path = _to_repository(exported, work / "repo")
+    with running_server(work / "repo", _serve_settings(), log_file=work / "triton.log") as server:
+        yield Served(server, onnx_path, sorted((work / "source" / "images").iterdir()))
+
+
+def _url(server: RunningServer, protocol: Protocol) -> str:
+    return server.http_url if protocol == "http" else server.grpc_url
+
+
+def _direct(onnx_path: Path, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["probabilities"], {"image": batch})[0], np.float32)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_outputs_equal_onnx_runtime(served: Served, protocol: Protocol) -> None:
+    batch = np.random.default_rng(2).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    module = httpclient if protocol == "http" else grpcclient
+    client = module.InferenceServerClient(_url(served.server, protocol))
+    try:
+        request = module.InferInput("image", list(batch.shape), "FP32")
+        request.set_data_from_numpy(batch)
+        result = client.infer("drseg", [request], model_version=str(VERSION))
+        served_output = result.as_numpy("probabilities")
+    finally:
+        client.close()
+    expected = _direct(served.onnx_path, batch)
+    assert served_output.shape == (2, 4, 64, 96)
+    assert expected.std() > 0.01, "a constant output would hide zeroed inputs"
+    np.testing.assert_allclose(served_output, expected, atol=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_predict_writes_masks_overlay_and_lesion_summary(
+    served: Served, protocol: Protocol, tmp_path: Path
+) -> None:
+    out = tmp_path / "predictions"
+    results = predict(served.photos, _url(served.server, protocol), protocol, out, served.onnx_path)
+    contract = read_contract(served.onnx_path)
+    assert [r.folder for r in results] == [out / p.stem for p in served.photos]
+    for result in results:
+        prepared = prepare_photograph(result.photograph, contract)
+        height, width = prepared.fov.shape
+        probabilities = _direct(served.onnx_path, prepared.model_input[None])[0]
+        expected = lesion_masks(probabilities[:, :height, :width], prepared.fov, contract)
+        assert expected.any() and not expected.all(), "masks should be neither empty nor full"
+        summary = json.loads((result.folder / SUMMARY_FILE).read_text())
+        assert summary["source_size"] == list(prepared.source_size)
+        assert prepared.source_size[0] == 256
+        assert summary["working_size"] == [width, height] == [192, height]
+        assert summary["model"]["version"] == VERSION
+        for cls, mask in zip(contract.classes, expected, strict=True):
+            written = dataset.read_mask(result.folder / f"mask_{cls}.png")
+            np.testing.assert_array_equal(written, mask)
+            components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+            assert summary["classes"][cls]["lesion_pixels"] == int(mask.sum())
+            assert summary["classes"][cls]["components"] == components
+            assert summary["classes"][cls]["threshold"] == contract.thresholds[cls]
+        assert summary["classes"] == result.classes
+        overlay = cv2.imread(str(result.folder / OVERLAY_FILE))
+        assert overlay.shape == (height, width, 3)
+        assert result.infer_seconds <= result.total_seconds
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.integration
+def test_health_readiness_and_metrics_are_tritons(served: Served) -> None:
+    base = f"http://{served.server.http_url}"
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/drseg/versions/{VERSION}"):
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            assert response.status == 200, path
+    with urllib.request.urlopen(served.server.metrics_url, timeout=10) as response:
+        metrics = response.read().decode()
+    assert f'nv_inference_request_success{{model="drseg",version="{VERSION}"}}' in metrics
+
+
+@pytest.mark.integration
+def test_predict_refuses_a_contract_that_does_not_fit_the_served_model(
+    served: Served, tmp_path: Path
+) -> None:
+    proto = onnx.load(str(served.onnx_path))
+    entry = next(p for p in proto.metadata_props if p.key == CONTRACT_KEY)
+    contract = json.loads(entry.value)
+    contract.update(classes=["MA", "HE"], thresholds={"MA": 0.5, "HE": 0.5})
+    entry.value = json.dumps(contract)
+    other = tmp_path / "other.onnx"
+    onnx.save(proto, str(other))
+    with pytest.raises(ValueError, match=r"4 output channels, the contract 2 classes.*other\.onnx"):
+        predict(served.photos, served.server.http_url, "http", tmp_path / "out", other)
+    assert not (tmp_path / "out").exists()
+
+
+def _assert_training_input(
+    prepared: PreparedPhotograph, ingested: Path, enhanced: Path, record_id: str
+) -> None:
+    """The client's images equal the ingest-stage photograph and field of view, and its
+    model input equals the CLAHE-stage photograph normalised as training did."""
+    np.testing.assert_array_equal(
+        prepared.rgb, dataset.read_rgb(dataset.image_path(ingested, record_id))
+    )
+    np.testing.assert_array_equal(
+        prepared.fov, dataset.read_mask(dataset.fov_path(ingested, record_id))
+    )
+    expected = image_to_tensor(dataset.read_rgb(dataset.image_path(enhanced, record_id))).numpy()
+    height, width = prepared.fov.shape
+    assert prepared.model_input.shape[1] % 32 == 0 and prepared.model_input.shape[2] % 32 == 0
+    np.testing.assert_allclose(prepared.model_input[:, :height, :width], expected, atol=1e-6)
+
+
+def test_prepare_photograph_is_the_training_preprocessing(
+    exported: Path, synthetic_generic: Path, tmp_path: Path
+) -> None:
+    """Each photograph through ingest + clahe (what training read) and through the client."""
+    enhanced = clahe_dataset_from(synthetic_generic, tmp_path)
+    contract = read_contract(exported)
+    for record in dataset.load_manifest(enhanced).records:
+        photo = next((synthetic_generic / "images").glob(f"{record.id}.*"))
+        prepared = prepare_photograph(photo, contract)
+        _assert_training_input(prepared, tmp_path / "ingested", enhanced, record.id)
+
+
+def test_predict_checks_output_folders_before_any_request(
+    exported: Path, synthetic_generic: Path, tmp_path: Path
+) -> None:
+    """No server runs here: both problems are found before connecting."""
+    photo = next((synthetic_generic / "images").iterdir())
+    twin = tmp_path / "elsewhere" / photo.name
+    twin.parent.mkdir()
+    twin.write_bytes(photo.read_bytes())
+    with pytest.raises(ValueError, match=rf"would both write .*{photo.stem}; rename one"):
+        predict([photo, twin], "127.0.0.1:1", "http", tmp_path / "out", exported)
+    (tmp_path / "out" / photo.stem).mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=rf"{photo.stem}: already exists"):
+        predict([photo], "127.0.0.1:1", "http", tmp_path / "out", exported)
+
+
+def _idrid_photograph(idrid_dir: Path) -> Path:
+    return idrid_dir / "A. Segmentation" / "1. Original Images" / "a. Training Set" / "IDRiD_01.jpg"
+
+
+@pytest.mark.idrid
+def test_prepare_matches_training_on_a_full_size_idrid_jpeg(
+    idrid_dir: Path, tmp_path: Path
+) -> None:
+    """The JPEG path (reduced-size DCT decode) at the real working width, 1024."""
+    photo = _idrid_photograph(idrid_dir)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / photo.name).symlink_to(photo)
+    wide = IngestSettings(working_width=1024, layout="unlabelled", workers=1)
+    ingest(source, tmp_path / "ingested", wide)
+    clahe_dataset(tmp_path / "ingested", tmp_path / "clahe", CLAHE)
+    record_id = dataset.load_manifest(tmp_path / "clahe").records[0].id
+    contract = read_contract(_export(tmp_path, wide))
+    prepared = prepare_photograph(photo, contract)
+    assert prepared.source_size == (4288, 2848)
+    assert prepared.model_input.shape == (3, 704, 1024)
+    _assert_training_input(prepared, tmp_path / "ingested", tmp_path / "clahe", record_id)
+
+
+@pytest.mark.integration
+@pytest.mark.idrid
+def test_full_size_idrid_photograph_round_trip(idrid_dir: Path, tmp_path: Path) -> None:
+    """4288 x 2848 JPEG -> 1024 x 680 working size -> one 1 x 3 x 704 x 1024 request."""
+    photo = _idrid_photograph(idrid_dir)
+    repository = tmp_path / "repo"
+    onnx_path = _to_repository(_export(tmp_path, IngestSettings(working_width=1024)), repository)
+    with running_server(repository, _serve_settings(), log_file=tmp_path / "log") as server:
+        (result,) = predict([photo], server.http_url, "http", tmp_path / "out", onnx_path)
+    summary = json.loads((result.folder / SUMMARY_FILE).read_text())
+    assert summary["source_size"] == [4288, 2848]
+    assert summary["working_size"] == [1024, 680]
+    assert summary["source_pixels_per_pixel"] == pytest.approx(4288 * 2848 / (1024 * 680))
+    assert 0.5 < summary["fov_pixels"] / (1024 * 680) < 0.95
+    assert cv2.imread(str(result.folder / "mask_HE.png")).shape[:2] == (680, 1024)
+
+
+def test_resolve_model_takes_the_latest_or_the_given_version(
+    exported: Path, tmp_path: Path
+) -> None:
+    for version in (2, 5):
+        write_repository(tmp_path / "repo", exported, version, ServeSettings())
+    assert resolve_model(tmp_path / "repo", "drseg").version == 5
+    chosen = resolve_model(tmp_path / "repo", "drseg", 2)
+    assert (chosen.version, chosen.onnx_path) == (2, tmp_path / "repo" / "drseg" / "2" / ONNX_FILE)
+    with pytest.raises(FileNotFoundError, match=r"no version 4 \(versions: \[2, 5\]\)"):
+        resolve_model(tmp_path / "repo", "drseg", 4)
+    with pytest.raises(FileNotFoundError, match=r"other/config\.pbtxt: no Triton model config"):
+        resolve_model(tmp_path / "repo", "other")
+
+
+def test_the_local_server_refuses_a_tensorrt_repository(exported: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"placeholder: the check reads config.pbtxt only")
+    write_repository(tmp_path / "repo", exported, 1, ServeSettings(), plan_path=plan)
+    with pytest.raises(ValueError, match=r"platform 'tensorrt_plan'; the local server runs ONNX"):
+        resolve_model(tmp_path / "repo", "drseg")

@@ -1,0 +1,339 @@
+"""The registry workflow against a real MLflow on a SQLite file: versions, aliases, history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow.onnx
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+from onnx import TensorProto, helper
+
+from drseg.config import GateSettings, TrackingSettings
+from drseg.gate import evaluate_gate
+from drseg.registry import (
+    RegistryError,
+    alias_history,
+    champion_metrics,
+    download,
+    model_uri,
+    promote,
+    register_model,
+    rollback,
+    show,
+)
+from drseg.tracking import stage_run
+
+DATASET = "sha256:" + "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MLflow database for the module (creating one takes seconds); every test registers
+    under a model name of its own."""
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="module")
+def uri(home: Path) -> str:
+    return f"sqlite:///{home}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def run_id(home: Path) -> str:
+    """The register stage's run, made the way the pipeline makes it."""
+    settings = TrackingSettings(experiment="registry")
+    with stage_run(settings, home, "register", pipeline_run_id="p-1") as run:
+        return run.run_id
+
+
+def write_model_files(out: Path) -> tuple[Path, Path]:
+    """(model.onnx, model.pt) in `out`: a one-node ReLU graph with a dynamic batch, and fake
+    weights."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), out / "m.onnx")
+    (out / "model.pt").write_bytes(b"fake weights")
+    return out / "m.onnx", out / "model.pt"
+
+
+def relu_runs(model: Path) -> bool:
+    """Whether ONNX Runtime runs `model` as the ReLU of write_model_files."""
+    session = onnxruntime.InferenceSession(str(model))
+    x = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
+    return bool(np.array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_model_files(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    return f"seg-{request.node.name}"
+
+
+def _metrics(merged: float = 0.85, ma_dice: float = 0.5) -> dict[str, Any]:
+    return {
+        "split": "val",
+        "dataset_hash": DATASET,
+        "classes": {"MA": {"aupr": 0.4, "dice": ma_dice, "iou": 0.33, "threshold": 0.3}},
+        "merged": {"dice": merged},
+    }
+
+
+def _register(uri: str, name: str, run_id: str, files: tuple[Path, Path], **kw: Any) -> str:
+    metrics = kw.pop("metrics", _metrics())
+    return register_model(
+        uri,
+        name,
+        *files,
+        run_id=run_id,
+        dataset_hash=DATASET,
+        metrics=metrics,
+        verdict=kw.pop("verdict", evaluate_gate(metrics, GateSettings(), None, DATASET)),
+        git_commit="0123456789abcdef",
+        pipeline_run_id=kw.pop("pipeline_run_id", "p-1"),
+    )
+
+
+def _aliases(uri: str, name: str) -> dict[str, str]:
+    model = MlflowClient(tracking_uri=uri).get_registered_model(name)
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def _moves(uri: str, name: str) -> list[tuple[str, str, str | None, str | None]]:
+    return [(m.action, m.alias, m.from_version, m.to_version) for m in alias_history(uri, name)]
+
+
+def test_register_logs_the_model_and_sets_challenger(
+    uri: str,
+    name: str,
+    run_id: str,
+    files: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _register(uri, name, run_id, files) == "1"
+    folder = tmp_path / "checkpoint"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "model.json").write_text("{}")
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    onnx_path, _ = files
+    second = _register(uri, name, run_id, (onnx_path, folder), pipeline_run_id="p-2")
+    assert second == "2"
+    assert _aliases(uri, name) == {"challenger": "2"}
+
+    client = MlflowClient(tracking_uri=uri)
+    version = client.get_model_version(name, "2")
+    assert version.status == "READY"
+    assert version.run_id == run_id
+    assert version.tags["drseg.dataset_hash"] == DATASET
+    assert version.tags["drseg.eval_dataset_hash"] == DATASET
+    assert version.tags["drseg.git_commit"] == "0123456789abcdef"
+    assert version.tags["drseg.pipeline_run_id"] == "p-2"
+    assert version.tags["drseg.gate"] == "passed (1 rule)"
+    assert json.loads(version.tags["drseg.metrics"]) == _metrics()
+    # The version's source is its logged model's folder: .../models/<model id>/artifacts.
+    model_id = Path(urlparse(version.source).path).parent.name
+    assert model_id.startswith("m-")
+    logged = client.get_logged_model(model_id)
+    assert logged.artifact_location == version.source
+    [link] = json.loads(logged.tags["mlflow.modelVersions"])
+    assert (link["name"], str(link["version"])) == (name, "2")
+    assert logged.source_run_id == run_id
+    assert logged.status == LoggedModelStatus.READY
+
+    # Loaded the way export and serving will: by alias, never by "latest".
+    number, fetched = download(uri, name, "challenger", tmp_path / "fetched")
+    assert number == "2"
+    assert (fetched / "checkpoint" / "model.json").read_text() == "{}"
+    assert (fetched / "checkpoint" / "checkpoints" / "last.ckpt").read_bytes() == b"ckpt"
+    assert json.loads((fetched / "evaluation" / "metrics.json").read_text()) == _metrics()
+    gate = (fetched / "evaluation" / "gate.md").read_text()
+    assert "| merged any-lesion Dice | ≥ 0.8000 | 0.8500 | pass |" in gate
+    assert relu_runs(fetched / "model.onnx")
+
+    # mlflow's own loaders take models:/<name>@<alias> through the process-wide tracking URI.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.onnx.load_model(model_uri(name, "challenger"))
+    assert [node.op_type for node in loaded.graph.node] == ["Relu"]
+    with pytest.raises(RegistryError, match=r"has no @champion \(its aliases: challenger\)"):
+        download(uri, name, "champion", tmp_path / "none")
+
+
+def test_promote_and_rollback_move_aliases_and_record_every_move(
+    uri: str, name: str, run_id: str, files: tuple[Path, Path]
+) -> None:
+    _register(uri, name, run_id, files)
+    _register(uri, name, run_id, files)
+
+    promote(uri, name, 1)
+    assert _aliases(uri, name) == {"champion": "1", "challenger": "2"}
+    promote(uri, name, "2", reason="canary healthy")
+    assert _aliases(uri, name) == {"champion": "2", "previous": "1"}
+    assert rollback(uri, name, reason="error rate") == "1"
+    assert _aliases(uri, name) == {"champion": "1"}
+
+    assert _moves(uri, name) == [
+        ("register", "challenger", None, "1"),
+        ("register", "challenger", "1", "2"),
+        ("promote", "champion", None, "1"),
+        ("promote", "previous", None, "1"),
+        ("promote", "champion", "1", "2"),
+        ("promote", "challenger", "2", None),
+        ("rollback", "champion", "2", "1"),
+        ("rollback", "previous", "1", None),
+    ]
+    history = alias_history(uri, name)
+    assert [m.seq for m in history] == [1, 2, 3, 4, 4, 4, 5, 5]
+    assert {m.reason for m in history if m.seq == 4} == {"canary healthy"}
+    assert all(m.at.endswith("+00:00") for m in history)
+
+
+def test_promoting_the_champion_again_changes_nothing(
+    uri: str, name: str, run_id: str, files: tuple[Path, Path]
+) -> None:
+    _register(uri, name, run_id, files)
+    promote(uri, name, 1)
+    promote(uri, name, 1)
+    assert _aliases(uri, name) == {"champion": "1"}
+    assert _moves(uri, name) == [
+        ("register", "challenger", None, "1"),
+        ("promote", "champion", None, "1"),
+        ("promote", "challenger", "1", None),
+    ]
+
+
+def test_show_lists_versions_aliases_tags_and_history(
+    uri: str, name: str, run_id: str, files: tuple[Path, Path]
+) -> None:
+    _register(uri, name, run_id, files)
+    _register(uri, name, run_id, files, metrics=_metrics(merged=0.9), pipeline_run_id="p-7")
+    promote(uri, name, 2)
+    rollback_reason = "canary 5xx | p99"
+    promote(uri, name, 1)
+    rollback(uri, name, reason=rollback_reason)
+
+    text = show(uri, name)
+    lines = text.splitlines()
+    assert lines[0] == f"# Registered model `{name}`"
+    versions = lines[: lines.index("## Alias history")]
+    [v1] = [line for line in versions if line.startswith("| 1 |")]
+    [v2] = [line for line in versions if line.startswith("| 2 |")]
+    assert "| - |" in v1 and "| 0.850 |" in v1 and "| p-1 |" in v1
+    assert "| champion |" in v2 and "| 0.900 |" in v2 and "| p-7 |" in v2
+    assert f"| {DATASET[:19]} | 0123456789ab |" in v2
+    assert "| passed (1 rule) |" in v2
+    history = lines[lines.index("## Alias history") :]
+    rows = [
+        line.split(" | ")[2:6] for line in history if line.startswith("| ") and "|---" not in line
+    ]
+    assert rows[1:] == [
+        ["register", "challenger", "-", "1"],
+        ["register", "challenger", "1", "2"],
+        ["promote", "champion", "-", "2"],
+        ["promote", "challenger", "2", "-"],
+        ["promote", "previous", "-", "2"],
+        ["promote", "champion", "2", "1"],
+        ["rollback", "champion", "1", "2"],
+        ["rollback", "previous", "2", "-"],
+    ]
+    assert history[-1].endswith("| canary 5xx \\| p99 |")
+
+
+def test_champion_metrics_feed_the_gate_regression_rule(
+    uri: str, name: str, run_id: str, files: tuple[Path, Path]
+) -> None:
+    assert champion_metrics(uri, name) is None  # no registered model yet
+    _register(uri, name, run_id, files, metrics=_metrics(ma_dice=0.6))
+    assert champion_metrics(uri, name) is None  # a challenger, but no champion
+    promote(uri, name, 1)
+
+    champion = champion_metrics(uri, name)
+    assert champion == {"version": "1", "dataset_hash": DATASET, "metrics": _metrics(ma_dice=0.6)}
+    settings = GateSettings(max_regression=0.05)
+    verdict = evaluate_gate(_metrics(ma_dice=0.5), settings, champion, DATASET)
+    regression = verdict.rows[-1]
+    assert regression.rule == "MA Dice vs @champion v1 (max drop 0.05)"
+    assert regression.threshold == pytest.approx(0.55)
+    assert (regression.value, regression.passed) == (0.5, False)
+    assert not verdict.passed
+
+
+def test_promote_names_the_versions_there_are(
+    uri: str, name: str, run_id: str, files: tuple[Path, Path]
+) -> None:
+    _register(uri, name, run_id, files)
+    with pytest.raises(RegistryError, match=r"has no version 7 \(it has: 1\); pass one of those"):
+        promote(uri, name, 7)
+    with pytest.raises(ValueError, match=r"version 'v1': pass a version number"):
+        promote(uri, name, "v1")
+    assert _aliases(uri, name) == {"challenger": "1"}
+
+
+def test_unknown_model_is_named_with_the_fix(uri: str) -> None:
+    for call in (
+        lambda: promote(uri, "nope", 1),
+        lambda: rollback(uri, "nope"),
+        lambda: show(uri, "nope"),
+        lambda: alias_history(uri, "nope"),
+    ):
+        with pytest.raises(RegistryError, match=r"no registered model 'nope' at sqlite:.*register"):
+            call()
+
+
+def test_rollback_without_previous_says_what_to_do(
+    uri: str, name: str, run_id: str, files: tuple[Path, Path]
+) -> None:
+    _register(uri, name, run_id, files)
+    with pytest.raises(RegistryError, match=r"no @previous .* \(@champion is unset\); promote"):
+        rollback(uri, name)
+    promote(uri, name, 1)
+    _register(uri, name, run_id, files)
+    promote(uri, name, 2)
+    rollback(uri, name)
+    with pytest.raises(RegistryError, match=r"@champion is 1\); promote a version by number"):
+        rollback(uri, name)  # previous was cleared: no flipping back to version 2
+    assert _aliases(uri, name) == {"champion": "1"}
+
+
+def test_register_refuses_what_must_not_be_registered(
+    uri: str, name: str, run_id: str, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    onnx_path, checkpoint = files
+    low = _metrics(merged=0.5)
+    failed = evaluate_gate(low, GateSettings(), None, DATASET)
+    with pytest.raises(RegistryError, match=r"gate failed \(failed: merged any-lesion Dice"):
+        _register(uri, name, run_id, files, metrics=low, verdict=failed)
+    no_hash = {k: v for k, v in _metrics().items() if k != "dataset_hash"}
+    with pytest.raises(ValueError, match="metrics has no dataset_hash"):
+        _register(uri, name, run_id, files, metrics=no_hash)
+    with pytest.raises(FileNotFoundError, match=r"missing\.onnx: no ONNX file"):
+        _register(uri, name, run_id, (tmp_path / "missing.onnx", checkpoint))
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt: no checkpoint"):
+        _register(uri, name, run_id, (onnx_path, tmp_path / "missing.pt"))
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ValueError, match=r"bad\.onnx: not a valid ONNX model"):
+        _register(uri, name, run_id, (tmp_path / "bad.onnx", checkpoint))
+    with pytest.raises(RegistryError, match=r"no MLflow run 'r-0'.*pass the run id"):
+        _register(uri, name, "r-0", files)
+    with pytest.raises(ValueError, match=r"name 'a/b' cannot be used"):
+        _register(uri, "a/b", run_id, files)
+    assert MlflowClient(tracking_uri=uri).search_registered_models(f"name = '{name}'") == []
+
+
+def test_model_uri_is_by_alias_and_lowercase() -> None:
+    assert model_uri("seg", "champion") == "models:/seg@champion"
+    for alias in ("Champion", "latest", "", "a b"):
+        with pytest.raises(ValueError, match="aliases are lowercase"):
+            model_uri("seg", alias)

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 
-.PHONY: setup run test test-fast lint format bench clean
+.PHONY: setup run test test-fast lint format bench images clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The four container images (images/); needs a Docker engine with BuildKit.
+images:
+	images/build.sh
 
 bench: setup
 	$(BIN)/python bench/ingest_clahe.py

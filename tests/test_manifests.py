@@ -199,7 +199,19 @@ def test_nightly_cronjob_submits_in_runtime_image() -> None:
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     (container,) = pod_spec(cronjob)["containers"]
     assert container["image"] == f"ghcr.io/drseg/runtime:{__version__}"
-    assert container["args"] == ["pipeline", "submit"]
+    assert container["args"] == [
+        "pipeline",
+        "submit",
+        "--source",
+        "$(DRSEG_SOURCE)",
+        "--pool",
+        "$(DRSEG_POOL)",
+    ]
+    # The args are a real invocation of the CLI.
+    from drseg.cli import build_parser
+
+    parsed = build_parser().parse_args(container["args"])
+    assert (parsed.source, parsed.pool) == ("$(DRSEG_SOURCE)", "$(DRSEG_POOL)")
     assert {"secretRef": {"name": "kfp-submit"}} in container["envFrom"]
 
 

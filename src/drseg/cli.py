@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from drseg import cluster
 from drseg.config import Settings, SettingsError, load_settings, settings_as_yaml
 
 EPILOG = """\
@@ -278,6 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessing contract; default: the newest run's)",
     )
     predict.add_argument("--version", type=int, help="model version (default: the newest)")
+
+    pipeline = verb(
+        "pipeline", lambda *_: pipeline.print_help(), "the pipeline on Kubeflow Pipelines"
+    )
+    pipeline_verbs = pipeline.add_subparsers(dest="pipeline_verb", metavar="ACTION")
+    compile_ = pipeline_verbs.add_parser("compile", help="write the compiled pipeline YAML")
+    compile_.set_defaults(handler=cluster.compile_command)
+    compile_.add_argument(
+        "--out", type=Path, default=cluster.COMPILED, help="output file (default: %(default)s)"
+    )
+    submit = pipeline_verbs.add_parser("submit", help="start one run on cluster.kfp_host")
+    submit.set_defaults(handler=cluster.submit_command)
+    submit.add_argument("--source", required=True, help="s3:// prefix to train on")
+    submit.add_argument("--pool", help="s3:// prefix of unlabelled photographs to pretrain on")
+    submit.add_argument("--name", help="run name (default: the pipeline's name and the time)")
+    schedule = pipeline_verbs.add_parser("schedule", help="recurring run on cluster.kfp_host")
+    schedule.set_defaults(handler=cluster.schedule_command)
+    schedule.add_argument(
+        "--cron", required=True, help="KFP cron, six fields, seconds first: '0 0 3 * * *'"
+    )
+    schedule.add_argument("--source", required=True, help="s3:// prefix to train on")
+    schedule.add_argument("--pool", help="s3:// prefix of unlabelled photographs to pretrain on")
+    schedule.add_argument("--name", default="drseg-retraining", help="recurring run name")
 
     config = verb("config", lambda *_: config.print_help(), "settings")
     config_verbs = config.add_subparsers(dest="config_verb", metavar="ACTION")

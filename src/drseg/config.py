@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -283,6 +284,86 @@ class ServeSettings(Section):
         return self
 
 
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Toleration(Section):
+    """One Kubernetes toleration, as in a pod spec."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+def _gpu_toleration() -> list[Toleration]:
+    return [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+
+
+class ClusterSettings(Section):
+    """Where and how the pipeline runs on Kubeflow Pipelines. No credentials here: only the
+    names of the Kubernetes Secrets that hold them, so the compiled YAML can be checked in."""
+
+    kfp_host: str | None = None
+    """KFP API endpoint, e.g. https://kubeflow.example.org/pipeline; needed by submit/schedule."""
+    namespace: str | None = None
+    """Multi-user KFP: the profile's namespace; None for a single-user deployment, which
+    refuses namespaced experiments."""
+    experiment: str = "drseg-training"
+    """KFP experiment that runs and recurring runs are filed under."""
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+    )
+    """Node labels a GPU step must land on (GPU Operator's label by default)."""
+    gpu_tolerations: list[Toleration] = Field(default_factory=_gpu_toleration)
+    """GPU nodes are usually tainted so that CPU pods stay off them."""
+    shm_size_gi: int = Field(8, ge=1, le=1024)
+    """Memory-backed /dev/shm for GPU steps: DataLoader workers pass batches through it and
+    the container runtime's 64 MiB default makes them die with a bus error."""
+    s3_secret: str = "drseg-s3"
+    """Secret with the S3 credentials for ingest and for MLflow's artifact uploads."""
+    s3_secret_env: dict[str, str] = Field(
+        default_factory=lambda: {
+            "access_key_id": "AWS_ACCESS_KEY_ID",
+            "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+            "endpoint_url": "AWS_ENDPOINT_URL_S3",
+        }
+    )
+    """Key in s3_secret -> environment variable the step sees (what boto3 and drseg read).
+    Every key must exist in the Secret or the pod does not start (drop endpoint_url on AWS)."""
+    mlflow_secret: str = "drseg-mlflow"
+    """Secret with the MLflow tracking server and its credentials."""
+    mlflow_secret_env: dict[str, str] = Field(
+        default_factory=lambda: {
+            "tracking_uri": "DRSEG_TRACKING__URI",
+            "username": "MLFLOW_TRACKING_USERNAME",
+            "password": "MLFLOW_TRACKING_PASSWORD",
+        }
+    )
+    """Key in mlflow_secret -> environment variable the step sees."""
+
+    @field_validator("s3_secret", "mlflow_secret")
+    @classmethod
+    def _secret_name(cls, value: str) -> str:
+        if not _SECRET_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a Kubernetes Secret name: use lower-case letters, digits, "
+                "'-' and '.', starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("s3_secret_env", "mlflow_secret_env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [env for env in value.values() if not _ENV_NAME.match(env)]
+        if bad:
+            raise ValueError(f"not environment variable names: {bad}; use A-Z, 0-9 and _")
+        if not value:
+            raise ValueError("map at least one Secret key to an environment variable")
+        return value
+
+
 class TrackingSettings(Section):
     uri: str | None = None
     """MLflow tracking URI; None means a SQLite file in the workspace (<home>/mlflow.db)."""
@@ -305,6 +386,7 @@ class Settings(Section):
     registry: RegistrySettings = RegistrySettings()
     export: ExportSettings = ExportSettings()
     serve: ServeSettings = ServeSettings()
+    cluster: ClusterSettings = ClusterSettings()
     tracking: TrackingSettings = TrackingSettings()
 
 

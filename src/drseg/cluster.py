@@ -1,0 +1,234 @@
+"""`drseg pipeline`: the training pipeline on a Kubeflow Pipelines cluster.
+
+compile writes the YAML a cluster runs (checked in, so a review sees what changes on the
+cluster); submit starts one run; schedule starts a recurring run. Cluster placement (GPU
+nodes, /dev/shm, Secrets) comes from `ClusterSettings`; the pipeline's parameters come from
+the same settings `drseg run` uses (drseg.run.pipeline_arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from drseg.config import ClusterSettings, Settings
+
+if TYPE_CHECKING:
+    from kfp.dsl.graph_component import GraphComponent
+
+COMPILED = Path("pipelines/compiled/training.yaml")
+"""Where `drseg pipeline compile` writes by default (relative to the repository root)."""
+
+
+class ClusterError(ValueError):
+    """submit/schedule cannot go ahead as asked; the message names the setting and the fix."""
+
+
+# --- the pipeline on a cluster -------------------------------------------------------------
+
+
+def build(cluster: ClusterSettings | None = None) -> GraphComponent:
+    """The training pipeline placed on the cluster `cluster` describes."""
+    from pipelines.training import build_pipeline
+
+    return build_pipeline(cluster or ClusterSettings())
+
+
+def compile_pipeline(out: Path, cluster: ClusterSettings | None = None) -> Path:
+    """Compile the pipeline to `out` (two YAML documents: the DAG, then Kubernetes settings)."""
+    from kfp import compiler
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build(cluster), str(out))
+    return out
+
+
+# --- recurring runs: KFP's cron -----------------------------------------------------------
+
+_CRON_FIELDS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("seconds", 0, 59, ()),
+    ("minutes", 0, 59, ()),
+    ("hours", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    (
+        "month",
+        1,
+        12,
+        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"),
+    ),
+    ("day of week", 0, 6, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")),
+)
+_CRON_DESCRIPTORS = (
+    "@yearly",
+    "@annually",
+    "@monthly",
+    "@weekly",
+    "@daily",
+    "@midnight",
+    "@hourly",
+)
+_EVERY = re.compile(r"^@every\s+(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+def _cron_value(text: str, low: int, high: int, names: tuple[str, ...]) -> int | None:
+    if text.upper() in names:
+        return names.index(text.upper()) + low
+    if text.isdigit() and low <= int(text) <= high:
+        return int(text)
+    return None
+
+
+def _check_cron_field(text: str, name: str, low: int, high: int, names: tuple[str, ...]) -> None:
+    for part in text.split(","):
+        span, _, step = part.partition("/")
+        if step and not (step.isdigit() and int(step) > 0):
+            raise ClusterError(f"cron {name} field {text!r}: the step after '/' must be > 0")
+        if span in ("*", "?"):
+            continue
+        ends = span.split("-")
+        values = [_cron_value(end, low, high, names) for end in ends]
+        if len(ends) > 2 or None in values:
+            raise ClusterError(
+                f"cron {name} field {text!r}: expected *, ?, a value {low}-{high}"
+                + (f" or {names[0]}-{names[-1]}" if names else "")
+                + ", a range a-b, a list a,b or a step */n"
+            )
+
+
+def validate_cron(expression: str) -> str:
+    """A KFP cron expression (six fields, seconds first), or ClusterError saying the fix.
+
+    KFP's scheduler (robfig/cron with seconds) reads a five-field Unix cron one field off:
+    refusing it beats a schedule that silently fires at the wrong times.
+    """
+    text = " ".join(expression.split())
+    if text.startswith("@"):
+        if text in _CRON_DESCRIPTORS or _EVERY.match(text):
+            return text
+        raise ClusterError(
+            f"cron {expression!r}: unknown descriptor; use one of {', '.join(_CRON_DESCRIPTORS)} "
+            "or '@every 6h'"
+        )
+    fields = text.split(" ")
+    if len(fields) == 5:
+        raise ClusterError(
+            f"cron {expression!r} has five fields, but KFP cron has six, seconds first "
+            f"(seconds minutes hours day-of-month month day-of-week); for the same schedule "
+            f"pass --cron '0 {text}'"
+        )
+    if len(fields) != 6:
+        raise ClusterError(
+            f"cron {expression!r} has {len(fields)} fields; KFP cron has six, seconds first, "
+            "e.g. '0 0 3 * * *' for every day at 03:00"
+        )
+    for field, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+        _check_cron_field(field, name, low, high, names)
+    return text
+
+
+# --- talking to a KFP endpoint ------------------------------------------------------------
+
+
+def _client(cluster: ClusterSettings) -> Any:
+    import kfp
+
+    if not cluster.kfp_host:
+        raise ClusterError(
+            "cluster.kfp_host is not set: set it in the settings file or with "
+            "DRSEG_CLUSTER__KFP_HOST=https://<kubeflow>/pipeline"
+        )
+    return kfp.Client(host=cluster.kfp_host, namespace=cluster.namespace)
+
+
+def submit(
+    settings: Settings,
+    source: str,
+    pool: str | None,
+    run_name: str | None = None,
+    cluster: ClusterSettings | None = None,
+) -> str:
+    """Start one run on the cluster (`cluster` or the settings' section); returns its id."""
+    from drseg.run import pipeline_arguments
+
+    cluster = cluster or settings.cluster
+    arguments = pipeline_arguments(settings, source, pool)
+    client = _client(cluster)
+    with tempfile.TemporaryDirectory() as folder:
+        package = compile_pipeline(Path(folder) / "training.yaml", cluster)
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments=arguments,
+            run_name=run_name,
+            experiment_name=cluster.experiment,
+            namespace=cluster.namespace,
+        )
+    return str(result.run_id)
+
+
+def schedule(
+    settings: Settings,
+    source: str,
+    pool: str | None,
+    cron: str,
+    name: str = "drseg-retraining",
+    cluster: ClusterSettings | None = None,
+) -> str:
+    """Create a recurring run on the cluster; returns its id. The cron is checked first, so
+    a wrong schedule never reaches the cluster."""
+    from drseg.run import pipeline_arguments
+
+    cron = validate_cron(cron)
+    cluster = cluster or settings.cluster
+    arguments = pipeline_arguments(settings, source, pool)
+    client = _client(cluster)
+    experiment = client.create_experiment(cluster.experiment, namespace=cluster.namespace)
+    with tempfile.TemporaryDirectory() as folder:
+        package = compile_pipeline(Path(folder) / "training.yaml", cluster)
+        job = client.create_recurring_run(
+            experiment_id=experiment.experiment_id,
+            job_name=name,
+            cron_expression=cron,
+            pipeline_package_path=str(package),
+            params=arguments,
+            # A retraining that overruns its period must not start a second one on the
+            # same GPUs.
+            max_concurrency=1,
+            no_catchup=True,
+        )
+    return str(job.recurring_run_id)
+
+
+# --- CLI handlers (wired in drseg.cli) ------------------------------------------------------
+
+
+def compile_command(args: argparse.Namespace, settings: Settings) -> None:
+    out = compile_pipeline(args.out, settings.cluster)
+    print(f"compiled the training pipeline to {out}")
+
+
+def _run_error(verb: str, exc: Exception) -> SystemExit:
+    return SystemExit(f"drseg pipeline {verb}: error: {exc}")
+
+
+def submit_command(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.run import RunError
+
+    try:
+        run_id = submit(settings, args.source, args.pool, args.name)
+    except (ClusterError, RunError) as exc:
+        raise _run_error("submit", exc) from exc
+    host = settings.cluster.kfp_host
+    print(f"run {run_id} started on {host}")
+
+
+def schedule_command(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg.run import RunError
+
+    try:
+        job_id = schedule(settings, args.source, args.pool, args.cron, args.name)
+    except (ClusterError, RunError) as exc:
+        raise _run_error("schedule", exc) from exc
+    print(f"recurring run {job_id} ({args.name}) on cron {args.cron!r}")

@@ -1,0 +1,327 @@
+"""The compiled pipeline a cluster runs, and the calls that put it on a KFP endpoint.
+
+No KFP API server runs here: submit and schedule go through the real kfp.Client over a real
+socket to a small HTTP server on 127.0.0.1 that records what the client sends.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+
+from drseg.cluster import (
+    ClusterError,
+    compile_pipeline,
+    schedule,
+    submit,
+    validate_cron,
+)
+from drseg.config import ClusterSettings, Settings, load_settings
+from drseg.run import pipeline_arguments
+
+CHECKED_IN = Path(__file__).parents[2] / "pipelines" / "compiled" / "training.yaml"
+GPU_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-tensorrt"}
+STORAGE_EXECUTORS = {"exec-ingest", "exec-ingest-2"}
+TRACKING_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-gate"}
+TRACKING_EXECUTORS |= {"exec-register"}
+CACHED = {"ingest", "ingest-2", "clahe", "clahe-2", "pretrain"}
+NOT_CACHED = {"finetune", "evaluate", "gate", "export", "register", "tensorrt"}
+NOT_CACHED |= {"triton-repository"}
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all(CHECKED_IN.read_text()))
+
+
+def _platform(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    executors: dict[str, Any] = documents[1]["platforms"]["kubernetes"]["deploymentSpec"][
+        "executors"
+    ]
+    return executors
+
+
+def test_checked_in_yaml_is_current(tmp_path: Path) -> None:
+    fresh = compile_pipeline(tmp_path / "training.yaml", ClusterSettings())
+    assert fresh.read_text() == CHECKED_IN.read_text(), (
+        "pipelines/compiled/training.yaml is out of date with the pipeline code: run "
+        "`drseg pipeline compile` and commit the result"
+    )
+
+
+def test_gpu_stages_request_a_gpu(documents: list[dict[str, Any]]) -> None:
+    executors = documents[0]["deploymentSpec"]["executors"]
+    for name, executor in executors.items():
+        accelerator = executor["container"].get("resources", {}).get("accelerator")
+        if name in GPU_EXECUTORS:
+            assert accelerator["resourceType"] == "nvidia.com/gpu", name
+            assert accelerator["resourceCount"] == "1", name
+        else:
+            assert accelerator is None, f"{name} is a CPU step but asks for a GPU"
+
+
+def test_gpu_stages_land_on_gpu_nodes_with_shm(documents: list[dict[str, Any]]) -> None:
+    platform = _platform(documents)
+    for name in GPU_EXECUTORS:
+        config = platform[name]
+        selector = config["nodeSelector"]["nodeSelectorJson"]["runtimeValue"]["constant"]
+        assert selector == {"nvidia.com/gpu.present": "true"}
+        assert config["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        assert config["emptyDirMounts"] == [
+            {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "8Gi"}
+        ]
+    for name, config in platform.items():
+        if name not in GPU_EXECUTORS:
+            assert not {"nodeSelector", "tolerations", "emptyDirMounts"} & set(config), name
+
+
+def test_credentials_come_from_secrets(documents: list[dict[str, Any]]) -> None:
+    platform = _platform(documents)
+    secrets = {
+        name: {ref["secretName"]: ref["keyToEnv"] for ref in config.get("secretAsEnv", [])}
+        for name, config in platform.items()
+    }
+    s3 = [
+        {"secretKey": "access_key_id", "envVar": "AWS_ACCESS_KEY_ID"},
+        {"secretKey": "secret_access_key", "envVar": "AWS_SECRET_ACCESS_KEY"},
+        {"secretKey": "endpoint_url", "envVar": "AWS_ENDPOINT_URL_S3"},
+    ]
+    for name in STORAGE_EXECUTORS | TRACKING_EXECUTORS:
+        assert secrets[name]["drseg-s3"] == s3, name
+    for name in TRACKING_EXECUTORS:
+        envs = {ref["envVar"] for ref in secrets[name]["drseg-mlflow"]}
+        assert envs == {
+            "DRSEG_TRACKING__URI",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+        }
+    for name in STORAGE_EXECUTORS:
+        assert "drseg-mlflow" not in secrets[name], "ingest has no business with MLflow"
+    # No step gets a credential as a literal container variable.
+    for name, executor in documents[0]["deploymentSpec"]["executors"].items():
+        assert "env" not in executor["container"], name
+
+
+def test_no_credential_values_in_compiled_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sentinels = {
+        "AWS_ACCESS_KEY_ID": "AKIASENTINELKEYID",
+        "AWS_SECRET_ACCESS_KEY": "sentinel-secret-access-key",
+        "MLFLOW_TRACKING_PASSWORD": "sentinel-mlflow-password",
+        "DRSEG_TRACKING__URI": "https://sentinel-user:sentinel-pass@mlflow.example",
+    }
+    for key, value in sentinels.items():
+        monkeypatch.setenv(key, value)
+    text = compile_pipeline(tmp_path / "training.yaml").read_text()
+    for value in [*sentinels.values(), "sentinel"]:
+        assert value not in text
+    assert text == CHECKED_IN.read_text(), "the environment leaked into the compiled pipeline"
+
+
+def test_caching_flags(documents: list[dict[str, Any]]) -> None:
+    tasks = dict(documents[0]["root"]["dag"]["tasks"])
+    tasks |= documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert set(tasks) == CACHED | NOT_CACHED | {"condition-1"}
+    for name in CACHED:
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    for name in NOT_CACHED:
+        assert tasks[name]["cachingOptions"] == {}, f"{name} must never come from the cache"
+
+
+def test_cluster_settings_change_the_compiled_placement(tmp_path: Path) -> None:
+    cluster = ClusterSettings.model_validate(
+        {
+            "gpu_node_selector": {"pool": "a100"},
+            "gpu_tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml"}],
+            "shm_size_gi": 32,
+            "s3_secret": "team-s3",
+        }
+    )
+    text = compile_pipeline(tmp_path / "t.yaml", cluster).read_text()
+    platform = _platform(list(yaml.safe_load_all(text)))
+    config = platform["exec-finetune"]
+    assert config["nodeSelector"]["nodeSelectorJson"]["runtimeValue"]["constant"] == {
+        "pool": "a100"
+    }
+    assert config["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+    ]
+    assert config["emptyDirMounts"][0]["sizeLimit"] == "32Gi"
+    assert {ref["secretName"] for ref in platform["exec-ingest"]["secretAsEnv"]} == {"team-s3"}
+
+
+def test_cluster_settings_refuse_bad_secret_names() -> None:
+    with pytest.raises(ValueError, match="not a Kubernetes Secret name"):
+        ClusterSettings(s3_secret="Drseg_S3")
+    with pytest.raises(ValueError, match="not environment variable names"):
+        ClusterSettings(mlflow_secret_env={"password": "MLFLOW-PASSWORD"})
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "0 0 3 * * *",
+        "0 */15 * * * *",
+        "30 0 2 * * MON-FRI",
+        "0 0 4 1,15 * ?",
+        "@daily",
+        "@every 6h",
+    ],
+)
+def test_six_field_cron_is_accepted(cron: str) -> None:
+    assert validate_cron(cron) == cron
+
+
+def test_five_field_cron_is_refused_with_the_six_field_form() -> None:
+    with pytest.raises(ClusterError, match=r"six, seconds first") as error:
+        validate_cron("0 3 * * *")
+    assert "'0 0 3 * * *'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("cron", "problem"),
+    [
+        ("* * * *", "4 fields"),
+        ("0 0 3 * * * 2027", "7 fields"),
+        ("60 0 3 * * *", "seconds"),
+        ("0 0 24 * * *", "hours"),
+        ("0 0 3 0 * *", "day of month"),
+        ("0 0 3 * 13 *", "month"),
+        ("0 0 3 * * FUNDAY", "day of week"),
+        ("0 */0 * * * *", "step"),
+        ("@sometimes", "unknown descriptor"),
+    ],
+)
+def test_wrong_cron_is_refused(cron: str, problem: str) -> None:
+    with pytest.raises(ClusterError, match=problem):
+        validate_cron(cron)
+
+
+# --- submit and schedule against a recording HTTP server ------------------------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers like the KFP v2beta1 API, just enough for kfp.Client, and records requests."""
+
+    requests: ClassVar[list[tuple[str, str, Any]]] = []
+
+    def _answer(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.requests.append((method, self.path, body))
+        path = self.path.split("?")[0]
+        answer: dict[str, Any] = {}
+        if path.endswith("/healthz"):
+            answer = {"multi_user": False}
+        elif path.endswith("/experiments") and method == "GET":
+            answer = {"experiments": [{"experiment_id": "exp-1", "display_name": "drseg-training"}]}
+        elif path.endswith("/runs"):
+            answer = {"run_id": "run-1", "display_name": body["display_name"]}
+        elif path.endswith("/recurringruns"):
+            answer = {"recurring_run_id": "job-1", "display_name": body["display_name"]}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer("GET")
+
+    def do_POST(self) -> None:
+        self._answer("POST")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def kfp_api() -> Iterator[tuple[str, list[tuple[str, str, Any]]]]:
+    recorded: list[tuple[str, str, Any]] = []
+    handler = type("Handler", (_Recorder,), {"requests": recorded})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", recorded
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return load_settings(environ={"DRSEG_FINETUNE__MAX_STEPS": "7"})
+
+
+def _posted(recorded: list[tuple[str, str, Any]], suffix: str) -> Any:
+    bodies = [body for method, path, body in recorded if method == "POST" and path.endswith(suffix)]
+    assert len(bodies) == 1, recorded
+    return bodies[0]
+
+
+def test_submit_creates_a_run_with_the_settings(
+    kfp_api: tuple[str, list[tuple[str, str, Any]]], settings: Settings
+) -> None:
+    host, recorded = kfp_api
+    run_id = submit(
+        settings, "s3://fundus/idrid", "s3://fundus/pool", "nightly", ClusterSettings(kfp_host=host)
+    )
+    assert run_id == "run-1"
+    run = _posted(recorded, "/apis/v2beta1/runs")
+    assert run["experiment_id"] == "exp-1"
+    assert run["display_name"] == "nightly"
+    expected = pipeline_arguments(settings, "s3://fundus/idrid", "s3://fundus/pool")
+    assert run["runtime_config"]["parameters"] == expected
+    assert json.loads(expected["finetune_config"])["max_steps"] == 7
+    # Both documents travel: the DAG and the Kubernetes settings (GPU nodes, Secrets).
+    spec = run["pipeline_spec"]
+    assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "drseg-training"
+    executors = spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) >= GPU_EXECUTORS
+
+
+def test_schedule_creates_a_recurring_run_on_a_six_field_cron(
+    kfp_api: tuple[str, list[tuple[str, str, Any]]], settings: Settings
+) -> None:
+    host, recorded = kfp_api
+    job_id = schedule(
+        settings,
+        "s3://fundus/idrid",
+        "s3://fundus/pool",
+        "0 0 3 * * SUN",
+        "weekly",
+        ClusterSettings(kfp_host=host),
+    )
+    assert job_id == "job-1"
+    job = _posted(recorded, "/apis/v2beta1/recurringruns")
+    assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * SUN"
+    assert job["display_name"] == "weekly"
+    assert job["experiment_id"] == "exp-1"
+    assert int(job["max_concurrency"]) == 1
+    assert job["runtime_config"]["parameters"]["source"] == "s3://fundus/idrid"
+
+
+def test_schedule_refuses_five_fields_before_calling_the_cluster(
+    kfp_api: tuple[str, list[tuple[str, str, Any]]], settings: Settings
+) -> None:
+    host, recorded = kfp_api
+    with pytest.raises(ClusterError, match="0 0 3 \\* \\* \\*"):
+        schedule(settings, "s3://a", "s3://b", "0 3 * * *", cluster=ClusterSettings(kfp_host=host))
+    assert recorded == []
+
+
+def test_submit_without_a_host_names_the_setting(settings: Settings) -> None:
+    with pytest.raises(ClusterError, match=r"cluster\.kfp_host is not set"):
+        submit(settings, "s3://a", "s3://b", cluster=ClusterSettings())

@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from drseg import atomic
-from drseg.config import FinetuneSettings, ModelSettings
+from drseg.config import FinetuneSettings, ModelSettings, PretrainSettings
 from drseg.models.unet import (
     MultiTaskUNet,
     build_model,
@@ -221,8 +221,8 @@ def _check_lengths(model: ModelSettings, settings: FinetuneSettings) -> None:
             )
 
 
-def _check_resumable(checkpoint: Path, module: FinetuneModule) -> None:
-    """Refuse, with the fix, a checkpoint that another model setting wrote into this folder."""
+def _check_resumable(checkpoint: Path, module: pl.LightningModule) -> None:
+    """Refuse, with the fix, a checkpoint that other settings wrote into this folder."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     problem = state_mismatch(module, state["state_dict"])
     if problem is not None:
@@ -232,36 +232,33 @@ def _check_resumable(checkpoint: Path, module: FinetuneModule) -> None:
         )
 
 
-def finetune(
-    dataset_dir: Path,
-    out_dir: Path,
-    model: ModelSettings,
-    settings: FinetuneSettings,
-    log_metrics: MetricsLogger | None = None,
-    encoder: Path | None = None,
-) -> FinetuneResult:
-    """Train (or resume training) and write <out>/checkpoints/last.ckpt and <out>/model.pt.
+class Run(Protocol):
+    """What fit_resumable needs of a LightningModule besides Lightning's own interface."""
 
-    `encoder` is an encoder weights file (the pretrain stage's) to start from; None starts
-    from random weights. A resumed run takes its weights from the checkpoint instead.
+    steps_run: int
+
+
+def fit_resumable(
+    module: pl.LightningModule,
+    out_dir: Path,
+    settings: FinetuneSettings | PretrainSettings,
+    sync_batchnorm: bool = False,
+) -> pl.Trainer:
+    """Fit `module` to settings.max_steps, resuming from <out>/checkpoints/last.ckpt when
+    there is one; checkpoints every settings.checkpoint_every steps and at the end.
+
+    Shared by fine-tuning and pretraining, so both resume, refuse foreign checkpoints and
+    finish the same way.
     """
-    _check_lengths(model, settings)
-    out_dir = Path(out_dir)
-    checkpoints = out_dir / "checkpoints"
+    checkpoints = Path(out_dir) / "checkpoints"
     last = checkpoints / LAST_CHECKPOINT
-    pl.seed_everything(settings.seed, verbose=False)
-    network = build_model(model)
-    if encoder is not None:
-        load_encoder(network, encoder)
-    module = FinetuneModule(
-        network, load_train_split(dataset_dir, model.classes), model, settings, log_metrics
-    )
     trainer = pl.Trainer(
         max_steps=settings.max_steps,
         precision=resolve_precision(settings.precision),  # type: ignore[arg-type]
         strategy=settings.strategy,
         devices=settings.devices,
         accelerator="auto",
+        sync_batchnorm=sync_batchnorm,  # applied by the distributed strategies only
         logger=False,
         enable_progress_bar=True,
         enable_model_summary=False,
@@ -281,10 +278,37 @@ def finetune(
     if resume is not None:
         _check_resumable(resume, module)
     trainer.fit(module, ckpt_path=resume)
-    if module.steps_run and trainer.global_step % settings.checkpoint_every:
-        # The final state, when the callback did not just save it: the same command run
-        # again then finds the run complete and trains nothing.
+    run: Run = module  # type: ignore[assignment]
+    if run.steps_run and trainer.global_step % settings.checkpoint_every:
+        # The final state, when the callback did not just save it: the same call run again
+        # then finds the run complete and trains nothing.
         trainer.save_checkpoint(last, weights_only=False)
+    return trainer
+
+
+def finetune(
+    dataset_dir: Path,
+    out_dir: Path,
+    model: ModelSettings,
+    settings: FinetuneSettings,
+    log_metrics: MetricsLogger | None = None,
+    encoder: Path | None = None,
+) -> FinetuneResult:
+    """Train (or resume training) and write <out>/checkpoints/last.ckpt and <out>/model.pt.
+
+    `encoder` is an encoder weights file (the pretrain stage's) to start from; None starts
+    from random weights. A resumed run takes its weights from the checkpoint instead.
+    """
+    _check_lengths(model, settings)
+    out_dir = Path(out_dir)
+    pl.seed_everything(settings.seed, verbose=False)
+    network = build_model(model)
+    if encoder is not None:
+        load_encoder(network, encoder)
+    module = FinetuneModule(
+        network, load_train_split(dataset_dir, model.classes), model, settings, log_metrics
+    )
+    trainer = fit_resumable(module, out_dir, settings)
     weights = out_dir / "model.pt"
     if trainer.is_global_zero:
         buffer = io.BytesIO()
@@ -302,7 +326,7 @@ def finetune(
             trainer.global_step,
         )
     return FinetuneResult(
-        checkpoint=last,
+        checkpoint=out_dir / "checkpoints" / LAST_CHECKPOINT,
         weights=weights,
         steps=trainer.global_step,
         final_loss=module.last_loss,

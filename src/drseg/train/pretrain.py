@@ -31,13 +31,12 @@ from torch.utils.data import DataLoader
 
 from drseg.config import ModelSettings, PretrainSettings
 from drseg.data import dataset
-from drseg.models.unet import build_model, save_encoder, state_mismatch
+from drseg.models.unet import build_model, save_encoder
 from drseg.steps import ENCODER_FILE
 from drseg.train.finetune import (
-    LAST_CHECKPOINT,
     MetricsLogger,
+    fit_resumable,
     learning_rate_factor,
-    resolve_precision,
 )
 from drseg.train.losses import nt_xent
 from drseg.train.views import (
@@ -237,18 +236,6 @@ def pretrain_photographs(
     return photographs, hashes
 
 
-def _check_resumable(checkpoint: Path, module: SimCLRModule) -> None:
-    """Refuse, with the fix, a checkpoint that other model or projection settings wrote."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    problem = state_mismatch(module, state["state_dict"])
-    if problem is not None:
-        raise ValueError(
-            f"{checkpoint}: cannot resume, the checkpoint was written for other model or "
-            f"pretrain settings ({problem}); use the settings of that run, or a new output "
-            "folder to start over"
-        )
-
-
 def pretrain(
     dataset_dirs: Sequence[Path],
     out_dir: Path,
@@ -268,41 +255,10 @@ def pretrain(
         dataset_dirs, labelled_dir, settings.include_labelled
     )
     out_dir = Path(out_dir)
-    checkpoints = out_dir / "checkpoints"
-    last = checkpoints / LAST_CHECKPOINT
     pl.seed_everything(settings.seed, verbose=False)
     network = build_model(model)
     module = SimCLRModule(network.encoder, photographs, settings, log_metrics)
-    trainer = pl.Trainer(
-        max_steps=settings.max_steps,
-        precision=resolve_precision(settings.precision),  # type: ignore[arg-type]
-        strategy=settings.strategy,
-        devices=settings.devices,
-        accelerator="auto",
-        sync_batchnorm=True,  # applied by the distributed strategies only
-        logger=False,
-        enable_progress_bar=True,
-        enable_model_summary=False,
-        default_root_dir=out_dir,
-        callbacks=[
-            pl.callbacks.ModelCheckpoint(
-                dirpath=checkpoints,
-                every_n_train_steps=settings.checkpoint_every,
-                save_top_k=0,
-                save_last=True,
-                save_on_train_epoch_end=False,
-                enable_version_counter=False,
-            )
-        ],
-    )
-    resume = last if last.is_file() else None
-    if resume is not None:
-        _check_resumable(resume, module)
-    trainer.fit(module, ckpt_path=resume)
-    if module.steps_run and trainer.global_step % settings.checkpoint_every:
-        # The final state, when the callback did not just save it: the same call run again
-        # then finds the run complete and trains nothing.
-        trainer.save_checkpoint(last, weights_only=False)
+    trainer = fit_resumable(module, out_dir, settings, sync_batchnorm=True)
     encoder = out_dir / ENCODER_FILE
     if trainer.is_global_zero:
         meta = {

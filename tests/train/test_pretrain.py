@@ -31,6 +31,7 @@ from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
 from drseg.data.synthetic import write_synthetic_dataset
 from drseg.models.unet import build_model, load_encoder
+from drseg.train import finetune as finetune_module
 from drseg.train import pretrain as pretrain_module
 from drseg.train.losses import nt_xent
 from drseg.train.pretrain import (
@@ -109,7 +110,7 @@ def run(pool: Path, labelled: Path, tmp_path_factory: pytest.TempPathFactory) ->
         with pytest.MonkeyPatch.context() as patch:
             patch.setitem(sys.modules, "mlflow", None)
             patch.setitem(sys.modules, "kfp", None)
-            patch.setattr(pretrain_module, "LOG_EVERY", 1)
+            patch.setattr(finetune_module, "LOG_EVERY", 1)  # the shared StepLoggedModule's
             short = SETTINGS.model_copy(update={"max_steps": FIRST_STEPS})
             first = pretrain(
                 [pool], out, MODEL, short, lambda v, s: first_metrics.append((s, v)), labelled

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ from drseg.models.unet import (
     read_weights_file,
     state_mismatch,
 )
-from drseg.train.losses import LossParts, multitask_loss
+from drseg.train.losses import multitask_loss
 from drseg.train.patches import (
     Patch,
     PatchSampling,
@@ -96,7 +96,63 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-class FinetuneModule(pl.LightningModule):
+class StepLoggedModule(pl.LightningModule):
+    """What both training stages share: per-step metrics to `log_metrics` every LOG_EVERY
+    steps, wall time of the loop, and the last loss kept across checkpoints.
+
+    A subclass's training_step calls `record(loss, figures)`; `figures` is called only on
+    the steps that are logged, since reading a GPU tensor's value waits for the GPU.
+    """
+
+    def __init__(self, max_steps: int, log_metrics: MetricsLogger | None) -> None:
+        super().__init__()
+        self.max_steps = max_steps
+        self.log_metrics = log_metrics
+        self.last_loss = math.nan
+        self.steps_run = 0
+        self.seconds = 0.0
+        self._loss: Tensor | None = None
+        self._figures: Callable[[], dict[str, float]] = dict
+        self._lr = 0.0
+        self._started = 0.0
+
+    def record(self, loss: Tensor, figures: Callable[[], dict[str, float]]) -> None:
+        self.log("loss", loss, prog_bar=True)
+        self._loss = loss
+        self._figures = figures
+        self._lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:
+            pl.utilities.rank_zero_info(
+                f"resuming from step {self.global_step} ({self.trainer.ckpt_path})"
+            )
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.steps_run += 1
+        step = self.global_step
+        if self._loss is None or not (
+            step % LOG_EVERY == 0 or self.steps_run == 1 or step == self.max_steps
+        ):
+            return
+        if self.log_metrics is not None and self.trainer.is_global_zero:
+            self.log_metrics({**self._figures(), "lr": self._lr}, step)
+
+    def on_train_end(self) -> None:
+        self.seconds = time.perf_counter() - self._started
+        if self._loss is not None:
+            self.last_loss = float(self._loss.detach())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        loss = self.last_loss if self._loss is None else float(self._loss.detach())
+        checkpoint["drseg"] = {"last_loss": loss}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.last_loss = float(checkpoint.get("drseg", {}).get("last_loss", math.nan))
+
+
+class FinetuneModule(StepLoggedModule):
     """Dice + BCE on the segmentation head, weighted reconstruction loss on the other."""
 
     def __init__(
@@ -107,21 +163,14 @@ class FinetuneModule(pl.LightningModule):
         settings: FinetuneSettings,
         log_metrics: MetricsLogger | None,
     ) -> None:
-        super().__init__()
+        super().__init__(settings.max_steps, log_metrics)
         # Channels-last (NHWC) halves the step time of bf16 convolutions on an H100 (35 vs
         # 74 ms, resnet34, batch 16 at 512 px); on the CPU it is within noise (2.7-3.0 s).
         self.model = model.to(memory_format=torch.channels_last)
         self.data = data
         self.model_settings = model_settings
         self.settings = settings
-        self.log_metrics = log_metrics
         self.reconstructs = model.reconstruction_head is not None
-        self.last_loss = math.nan
-        self.steps_run = 0
-        self.seconds = 0.0
-        self._parts: LossParts | None = None
-        self._lr = 0.0
-        self._started = 0.0
 
     def train_dataloader(self) -> DataLoader[Patch]:
         settings = self.settings
@@ -176,39 +225,8 @@ class FinetuneModule(pl.LightningModule):
             reconstruction_weight=self.model_settings.reconstruction_weight,
             reconstruction_kind=self.settings.reconstruction_loss,
         )
-        self.log("loss", parts.loss, prog_bar=True)
-        self._parts = parts
-        self._lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.record(parts.loss, parts.as_floats)
         return parts.loss
-
-    def on_train_start(self) -> None:
-        if self.trainer.ckpt_path:
-            pl.utilities.rank_zero_info(
-                f"resuming from step {self.global_step} ({self.trainer.ckpt_path})"
-            )
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.steps_run += 1
-        step = self.global_step
-        if self._parts is None or not (
-            step % LOG_EVERY == 0 or self.steps_run == 1 or step == self.settings.max_steps
-        ):
-            return
-        if self.log_metrics is not None and self.trainer.is_global_zero:
-            self.log_metrics({**self._parts.as_floats(), "lr": self._lr}, step)
-
-    def on_train_end(self) -> None:
-        self.seconds = time.perf_counter() - self._started
-        if self._parts is not None:
-            self.last_loss = float(self._parts.loss.detach())
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        loss = self.last_loss if self._parts is None else float(self._parts.loss.detach())
-        checkpoint["drseg"] = {"last_loss": loss}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.last_loss = float(checkpoint.get("drseg", {}).get("last_loss", math.nan))
 
 
 def _check_lengths(model: ModelSettings, settings: FinetuneSettings) -> None:
@@ -232,14 +250,8 @@ def _check_resumable(checkpoint: Path, module: pl.LightningModule) -> None:
         )
 
 
-class Run(Protocol):
-    """What fit_resumable needs of a LightningModule besides Lightning's own interface."""
-
-    steps_run: int
-
-
 def fit_resumable(
-    module: pl.LightningModule,
+    module: StepLoggedModule,
     out_dir: Path,
     settings: FinetuneSettings | PretrainSettings,
     sync_batchnorm: bool = False,
@@ -278,8 +290,7 @@ def fit_resumable(
     if resume is not None:
         _check_resumable(resume, module)
     trainer.fit(module, ckpt_path=resume)
-    run: Run = module  # type: ignore[assignment]
-    if run.steps_run and trainer.global_step % settings.checkpoint_every:
+    if module.steps_run and trainer.global_step % settings.checkpoint_every:
         # The final state, when the callback did not just save it: the same call run again
         # then finds the run complete and trains nothing.
         trainer.save_checkpoint(last, weights_only=False)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from drseg.models.unet import build_model, save_encoder
 from drseg.steps import ENCODER_FILE
 from drseg.train.finetune import (
     MetricsLogger,
+    StepLoggedModule,
     fit_resumable,
     learning_rate_factor,
 )
@@ -52,9 +51,6 @@ try:
     import pytorch_lightning as pl
 except ImportError:  # the unified `lightning` distribution (as on the GPU machines)
     import lightning.pytorch as pl  # type: ignore[no-redef]
-
-LOG_EVERY = 10
-"""Steps between calls of `log_metrics` (the first and the last step are always logged)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ def gathered_views(gathered: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return gathered[:, :n].reshape(-1, dim), gathered[:, n:].reshape(-1, dim)
 
 
-class SimCLRModule(pl.LightningModule):
+class SimCLRModule(StepLoggedModule):
     """Encoder + projection head trained with NT-Xent on views rendered on the device."""
 
     def __init__(
@@ -109,20 +105,13 @@ class SimCLRModule(pl.LightningModule):
         settings: PretrainSettings,
         log_metrics: MetricsLogger | None,
     ) -> None:
-        super().__init__()
+        super().__init__(settings.max_steps, log_metrics)
         # Channels-last, as in fine-tuning: it halves the time of bf16 convolutions on a GPU.
         self.encoder = encoder.to(memory_format=torch.channels_last)
         widths: tuple[int, ...] = encoder.out_channels  # type: ignore[assignment]
         self.projection = projection_head(widths[-1], settings.projection_dim)
         self.photographs = tuple(photographs)
         self.settings = settings
-        self.log_metrics = log_metrics
-        self.last_loss = math.nan
-        self.steps_run = 0
-        self.seconds = 0.0
-        self._loss: Tensor | None = None
-        self._lr = 0.0
-        self._started = 0.0
 
     def train_dataloader(self) -> DataLoader[ViewPair]:
         settings = self.settings
@@ -170,39 +159,8 @@ class SimCLRModule(pl.LightningModule):
         assert isinstance(gathered, Tensor)  # a tensor in, a tensor out
         z1, z2 = gathered_views(gathered, len(views) // 2)
         loss = nt_xent(z1, z2, self.settings.temperature)
-        self.log("loss", loss, prog_bar=True)
-        self._loss = loss
-        self._lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.record(loss, lambda: {"loss": float(loss.detach())})
         return loss
-
-    def on_train_start(self) -> None:
-        if self.trainer.ckpt_path:
-            pl.utilities.rank_zero_info(
-                f"resuming from step {self.global_step} ({self.trainer.ckpt_path})"
-            )
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.steps_run += 1
-        step = self.global_step
-        if self._loss is None or not (
-            step % LOG_EVERY == 0 or self.steps_run == 1 or step == self.settings.max_steps
-        ):
-            return
-        if self.log_metrics is not None and self.trainer.is_global_zero:
-            self.log_metrics({"loss": float(self._loss.detach()), "lr": self._lr}, step)
-
-    def on_train_end(self) -> None:
-        self.seconds = time.perf_counter() - self._started
-        if self._loss is not None:
-            self.last_loss = float(self._loss.detach())
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        loss = self.last_loss if self._loss is None else float(self._loss.detach())
-        checkpoint["drseg"] = {"last_loss": loss}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.last_loss = float(checkpoint.get("drseg", {}).get("last_loss", math.nan))
 
 
 def pretrain_photographs(

@@ -11,11 +11,11 @@ def pretrain(
     labelled: Input[Dataset],
     model_config: str,
     config: str,
-    pipeline_run_id: str,
     encoder: Output[Model],
 ) -> str:
     """SimCLR pretraining of the U-Net encoder on the unlabelled pool; returns the MLflow
-    run id ("" when pretrain.enabled is false and the step does nothing)."""
+    run id ("" when pretrain.enabled is false and the step does nothing). No pipeline run
+    id comes in, so that KFP's cache can reuse the encoder across pipeline runs."""
     from pathlib import Path
 
     from drseg.config import ModelSettings, PretrainSettings, load_settings
@@ -30,7 +30,6 @@ def pretrain(
         PretrainSettings.model_validate_json(config),
         env.tracking,
         env.home,
-        pipeline_run_id,
     )
     encoder.metadata.update({**figures, "pool_hash": pool_hash})
     return str(figures.get("mlflow_run_id", ""))

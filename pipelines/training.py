@@ -97,15 +97,16 @@ def build_pipeline(cluster: ClusterSettings) -> GraphComponent:
         export_config: str = ExportSettings().model_dump_json(),
         serve_config: str = ServeSettings().model_dump_json(),
     ) -> None:
-        # Caching: KFP keys a task's cache on its parameters, so the data steps and the
-        # pretraining (hours of GPU on an unchanged pool) are reused when the source's
-        # content hash and the settings are the same. Everything from the gate on reads or
+        # Caching: KFP keys a task's cache on its parameters, not on the data behind a path.
+        # So ingest always runs (a source prefix can hold new photographs tomorrow) and
+        # computes the content hash; the steps after it take that hash as a parameter and
+        # are reused when content and settings are unchanged: CLAHE, and pretraining (hours
+        # of GPU on an unchanged pool; it takes no pipeline run id for that reason, and its
+        # MLflow runs group by their inputs instead). Everything from the gate on reads or
         # changes state outside the run (the registry's @champion, the model repository),
         # so a cached result would be a stale answer: those always run.
-        # Caveat (unverified on a cluster): pretrain also takes pipeline_run_id, which
-        # differs per run; if KFP keys the cache on the resolved value, pretrain never hits.
         ingested = _cached(
-            _storage(ingest(source=source, config=ingest_config), cluster), True
+            _storage(ingest(source=source, config=ingest_config), cluster), False
         ).set_display_name("ingest")
         enhanced = _cached(
             clahe(
@@ -116,7 +117,7 @@ def build_pipeline(cluster: ClusterSettings) -> GraphComponent:
             True,
         ).set_display_name("clahe")
         pool = _cached(
-            _storage(ingest(source=pool_source, config=pool_ingest_config), cluster), True
+            _storage(ingest(source=pool_source, config=pool_ingest_config), cluster), False
         ).set_display_name("pool-ingest")
         enhanced_pool = _cached(
             clahe(
@@ -135,7 +136,6 @@ def build_pipeline(cluster: ClusterSettings) -> GraphComponent:
                         labelled=enhanced.outputs["enhanced"],
                         model_config=model_config,
                         config=pretrain_config,
-                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                     ),
                     cluster,
                 ),

@@ -95,12 +95,14 @@ def pretrain_step(
     settings: PretrainSettings,
     tracking: TrackingSettings,
     home: Path,
-    pipeline_run_id: str,
+    pipeline_run_id: str | None = None,
 ) -> dict[str, Any]:
     """SimCLR on the pool (and the labelled train split), tracked; writes <out>/encoder.pt.
 
     With pretraining off it writes only the SKIPPED marker, so fine-tuning starts from
-    random weights and the pipeline keeps one shape.
+    random weights and the pipeline keeps one shape. Without a pipeline run id (in the
+    pipeline, where the step is cached across runs) the MLflow run is grouped under
+    "pretrain-<hash of its inputs and settings>", the runs that made the same encoder.
     """
     from drseg.data.dataset import content_hash, load_manifest
 
@@ -114,6 +116,9 @@ def pretrain_step(
 
     inputs = [*pool_dirs, *([labelled_dir] if labelled_dir and settings.include_labelled else [])]
     dataset_hash = content_hash([load_manifest(d).dataset_hash for d in inputs])
+    if pipeline_run_id is None:
+        key = content_hash([dataset_hash, model.encoder, settings.model_dump_json()])
+        pipeline_run_id = f"pretrain-{key[:16]}"
     with stage_run(
         tracking,
         home,

@@ -90,13 +90,27 @@ class ModelSettings(Section):
     """Weight of the reconstruction loss; 0 turns the reconstruction head off."""
 
 
-class FinetuneSettings(Section):
-    patch_size: int = Field(512, ge=32)
-    batch_size: int = Field(8, ge=1)
+class TrainingRunSettings(Section):
+    """What a Lightning training stage (fine-tune, pretrain) needs of its run, in one place."""
+
     max_steps: int = Field(2000, ge=1)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
+    checkpoint_every: int = Field(200, ge=1)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    """auto: bf16-mixed on GPU, 32-true on CPU."""
+    strategy: str = "auto"
+    """Lightning strategy; "ddp" for several GPUs (pretraining then gathers negatives
+    across devices)."""
+    devices: int | str = "auto"
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class FinetuneSettings(TrainingRunSettings):
+    patch_size: int = Field(512, ge=32)
+    batch_size: int = Field(8, ge=1)
     schedule: Literal["cosine", "poly"] = "cosine"
     foreground_fraction: float = Field(0.6, ge=0.0, le=1.0)
     """Share of patches centred on a lesion pixel; the rest are uniform inside the FOV."""
@@ -107,17 +121,9 @@ class FinetuneSettings(Section):
     """Per-class weight of the Dice + BCE loss."""
     reconstruction_loss: Literal["l1", "mse"] = "l1"
     reconstruction_input: Literal["clean", "noised", "masked"] = "masked"
-    checkpoint_every: int = Field(200, ge=1)
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    """auto: bf16-mixed on GPU, 32-true on CPU."""
-    strategy: str = "auto"
-    """Lightning strategy; "ddp" for several GPUs."""
-    devices: int | str = "auto"
-    num_workers: int = Field(2, ge=0)
-    seed: int = 0
 
 
-class PretrainSettings(Section):
+class PretrainSettings(TrainingRunSettings):
     """SimCLR pretraining of the U-Net encoder on unlabelled photographs."""
 
     enabled: bool = True
@@ -129,22 +135,12 @@ class PretrainSettings(Section):
     """Share of a crop that must lie inside the field of view."""
     batch_size: int = Field(64, ge=2)
     """Photographs per step (two views each, so 2 x batch_size images)."""
-    max_steps: int = Field(2000, ge=1)
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(100, ge=0)
     temperature: float = Field(0.2, gt=0)
     """NT-Xent temperature."""
     projection_dim: int = Field(128, ge=8)
     include_labelled: bool = True
     """Also pretrain on the labelled training photographs, without their labels."""
-    checkpoint_every: int = Field(200, ge=1)
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    strategy: str = "auto"
-    """Lightning strategy; "ddp" gathers negatives across devices."""
-    devices: int | str = "auto"
-    num_workers: int = Field(2, ge=0)
-    seed: int = 0
 
 
 class EvaluateSettings(Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from drseg import atomic
 from drseg.config import (
@@ -74,6 +74,27 @@ class ModelCard:
         )
 
 
+class _TrainingResult(Protocol):
+    @property
+    def steps(self) -> int: ...
+    @property
+    def final_loss(self) -> float: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def images_per_second(self) -> float: ...
+
+
+def _training_figures(result: _TrainingResult) -> dict[str, Any]:
+    """What a training stage reports: steps reached, last loss, wall time, throughput."""
+    return {
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "seconds": result.seconds,
+        "images_per_second": result.images_per_second,
+    }
+
+
 def pretrained_encoder(pretrain_dir: Path) -> Path | None:
     """The encoder file in a pretrain output folder; None when pretraining was off."""
     pretrain_dir = Path(pretrain_dir)
@@ -128,12 +149,7 @@ def pretrain_step(
         config={"model": model, "pretrain": settings},
     ) as run:
         result = pretrain(pool_dirs, out_dir, model, settings, run.metric_logger(), labelled_dir)
-        figures = {
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            "seconds": result.seconds,
-            "images_per_second": result.images_per_second,
-        }
+        figures = _training_figures(result)
         run.log_metrics(figures)
     return {
         **figures,
@@ -176,12 +192,7 @@ def finetune_step(
         result = finetune(dataset_dir, model_dir, model, settings, run.metric_logger(), encoder)
         card = ModelCard(model, settings, dataset_hash, result.steps, encoder_init)
         atomic.write_text(Path(model_dir) / MODEL_CARD, card.to_json())
-        figures = {
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            "seconds": result.seconds,
-            "images_per_second": result.images_per_second,
-        }
+        figures = _training_figures(result)
         run.log_metrics(figures)
         run.log_artifact(Path(model_dir) / MODEL_CARD)
     return {**figures, "weights": str(result.weights), "mlflow_run_id": run.run_id}
@@ -377,8 +388,8 @@ def engine_step(onnx_dir: Path, out_dir: Path, settings: ExportSettings) -> dict
     """A TensorRT engine where TensorRT and a GPU exist; else nothing, and says so."""
     from drseg.export.tensorrt_build import build_engine
 
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # the output artifact, even when empty
     result = build_engine(Path(onnx_dir) / ONNX_FILE, Path(out_dir), settings)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     return {
         "served_format": result.served_format,
         "reason": result.reason,

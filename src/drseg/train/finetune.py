@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from drseg import atomic
-from drseg.config import FinetuneSettings, ModelSettings, PretrainSettings
+from drseg.config import FinetuneSettings, ModelSettings, TrainingRunSettings
 from drseg.models.unet import (
     MultiTaskUNet,
     build_model,
@@ -253,7 +253,7 @@ def _check_resumable(checkpoint: Path, module: pl.LightningModule) -> None:
 def fit_resumable(
     module: StepLoggedModule,
     out_dir: Path,
-    settings: FinetuneSettings | PretrainSettings,
+    settings: TrainingRunSettings,
     sync_batchnorm: bool = False,
 ) -> pl.Trainer:
     """Fit `module` to settings.max_steps, resuming from <out>/checkpoints/last.ckpt when

@@ -20,9 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from drseg.config import ClaheSettings, FinetuneSettings, IngestSettings, ModelSettings
-from drseg.data.enhance import clahe_dataset
-from drseg.data.ingest import ingest
+from drseg.config import FinetuneSettings, ModelSettings
 from drseg.models.normalize import image_to_tensor
 from drseg.models.unet import build_model
 from drseg.train import finetune as finetune_module
@@ -99,14 +97,6 @@ class _Messages(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-@pytest.fixture(scope="module")
-def clahe_256(synthetic_generic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("finetune")
-    ingest(synthetic_generic, root / "ingested", IngestSettings(working_width=256, workers=1))
-    clahe_dataset(root / "ingested", root / "clahe", ClaheSettings(workers=1))
-    return root / "clahe"
 
 
 def _checkpoint_step(path: Path) -> int:

@@ -91,11 +91,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def labelled(synthetic_generic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("labelled")
-    ingest(synthetic_generic, root / "ingested", IngestSettings(working_width=256, workers=1))
-    clahe_dataset(root / "ingested", root / "clahe", ClaheSettings(workers=1))
-    return root / "clahe"
+def labelled(clahe_256: Path) -> Path:
+    return clahe_256
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from components.clahe import clahe
 from components.evaluate import evaluate
 from components.export import export
 from components.finetune import finetune
+from components.fingerprint import fingerprint
 from components.gate import gate
 from components.ingest import ingest
 from components.pretrain import pretrain
@@ -79,8 +80,46 @@ def _gpu(task: dsl.PipelineTask, cluster: ClusterSettings) -> dsl.PipelineTask:
     return task
 
 
-def build_pipeline(cluster: ClusterSettings) -> GraphComponent:
-    """The pipeline with `cluster`'s placement and Secrets; the DAG is the same for any."""
+def _prepared(
+    source: str, ingest_config: str, clahe_config: str, cluster: ClusterSettings, prefix: str
+) -> dsl.PipelineTask:
+    """fingerprint -> ingest -> CLAHE of one source; returns the CLAHE task.
+
+    KFP keys a task's cache on its parameters and on the identity of its input artifacts,
+    never on the data behind a path. So only the cheap listing hash always runs; ingest is
+    cached on it, which keeps its dataset artifact (and so the keys of everything after it)
+    the same while the source is unchanged, and makes a new one when a file changes.
+    """
+    listed = _cached(_storage(fingerprint(source=source), cluster), False)
+    ingested = _cached(
+        _storage(
+            ingest(source=source, source_fingerprint=listed.output, config=ingest_config),
+            cluster,
+        ),
+        True,
+    )
+    enhanced = _cached(
+        clahe(
+            dataset=ingested.outputs["dataset"],
+            dataset_hash=ingested.outputs["Output"],
+            config=clahe_config,
+        ),
+        True,
+    )
+    listed.set_display_name(f"{prefix}fingerprint")
+    ingested.set_display_name(f"{prefix}ingest")
+    enhanced.set_display_name(f"{prefix}clahe")
+    return enhanced
+
+
+def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False) -> GraphComponent:
+    """The pipeline with `cluster`'s placement and Secrets.
+
+    `pretrain_on_labelled` (pretrain.include_labelled) wires the labelled train split into
+    pretraining. It is fixed here, not a run parameter, because an input artifact is part of
+    the cache key: wired in, new labelled data re-runs pretraining even where it would not
+    be used.
+    """
 
     def training(
         source: str,
@@ -97,51 +136,23 @@ def build_pipeline(cluster: ClusterSettings) -> GraphComponent:
         export_config: str = ExportSettings().model_dump_json(),
         serve_config: str = ServeSettings().model_dump_json(),
     ) -> None:
-        # Caching: KFP keys a task's cache on its parameters, not on the data behind a path.
-        # So ingest always runs (a source prefix can hold new photographs tomorrow) and
-        # computes the content hash; the steps after it take that hash as a parameter and
-        # are reused when content and settings are unchanged: CLAHE, and pretraining (hours
-        # of GPU on an unchanged pool; it takes no pipeline run id for that reason, and its
-        # MLflow runs group by their inputs instead). Everything from the gate on reads or
-        # changes state outside the run (the registry's @champion, the model repository),
-        # so a cached result would be a stale answer: those always run.
-        ingested = _cached(
-            _storage(ingest(source=source, config=ingest_config), cluster), False
-        ).set_display_name("ingest")
-        enhanced = _cached(
-            clahe(
-                dataset=ingested.outputs["dataset"],
-                dataset_hash=ingested.outputs["Output"],
-                config=clahe_config,
-            ),
-            True,
-        ).set_display_name("clahe")
-        pool = _cached(
-            _storage(ingest(source=pool_source, config=pool_ingest_config), cluster), False
-        ).set_display_name("pool-ingest")
-        enhanced_pool = _cached(
-            clahe(
-                dataset=pool.outputs["dataset"],
-                dataset_hash=pool.outputs["Output"],
-                config=clahe_config,
-            ),
-            True,
-        ).set_display_name("pool-clahe")
+        # Caching: the data steps and pretraining are cached on content (see _prepared):
+        # pretraining is hours of GPU on an unchanged pool, so it takes no pipeline run id
+        # and its MLflow runs group by their inputs instead. Everything from fine-tuning on
+        # is per run, and from the gate on it reads or changes state outside the run (the
+        # registry's @champion, the model repository), so a cached result would be a stale
+        # answer: those always run.
+        enhanced = _prepared(source, ingest_config, clahe_config, cluster, "")
+        enhanced_pool = _prepared(pool_source, pool_ingest_config, clahe_config, cluster, "pool-")
+        pretrain_task = pretrain(
+            pool=enhanced_pool.outputs["enhanced"],
+            pool_hash=enhanced_pool.outputs["Output"],
+            model_config=model_config,
+            config=pretrain_config,
+            **({"labelled": enhanced.outputs["enhanced"]} if pretrain_on_labelled else {}),
+        )
         pretrained = _cached(
-            _gpu(
-                _tracking(
-                    pretrain(
-                        pool=enhanced_pool.outputs["enhanced"],
-                        pool_hash=enhanced_pool.outputs["Output"],
-                        labelled=enhanced.outputs["enhanced"],
-                        model_config=model_config,
-                        config=pretrain_config,
-                    ),
-                    cluster,
-                ),
-                cluster,
-            ),
-            True,
+            _gpu(_tracking(pretrain_task, cluster), cluster), True
         ).set_display_name("pretrain")
         # finetune and evaluate log into this run's MLflow runs, which the gate and the
         # registry then point at: a cached copy would leave this run without them.
@@ -237,8 +248,3 @@ def build_pipeline(cluster: ClusterSettings) -> GraphComponent:
     return dsl.pipeline(name="drseg-training", description="Fundus lesion segmentation retraining")(
         training
     )
-
-
-training = build_pipeline(ClusterSettings())
-"""The pipeline with the default cluster settings: what `drseg run` and the checked-in
-pipelines/compiled/training.yaml use."""

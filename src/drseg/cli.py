@@ -65,7 +65,10 @@ def _pretrain(args: argparse.Namespace, settings: Settings) -> None:
         args.labelled,
         args.out,
         settings.model,
-        settings.pretrain.model_copy(update={"enabled": True}),
+        # Naming a labelled folder is asking for it (pretrain.include_labelled).
+        settings.pretrain.model_copy(
+            update={"enabled": True, "include_labelled": args.labelled is not None}
+        ),
         settings.tracking,
         settings.home,
         _pipeline_run_id(),
@@ -235,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument(
         "--labelled",
         type=Path,
-        help="labelled dataset folder whose train split joins the pool (pretrain.include_labelled)",
+        help="labelled dataset folder (clahe) whose train split joins the pool, without labels",
     )
     pretrain.add_argument("--out", type=Path, required=True, help="output folder; rerun to resume")
 

@@ -30,19 +30,24 @@ class ClusterError(ValueError):
 # --- the pipeline on a cluster -------------------------------------------------------------
 
 
-def build(cluster: ClusterSettings | None = None) -> GraphComponent:
-    """The training pipeline placed on the cluster `cluster` describes."""
+def build(
+    cluster: ClusterSettings | None = None, pretrain_on_labelled: bool = False
+) -> GraphComponent:
+    """The training pipeline placed on the cluster `cluster` describes; see build_pipeline
+    for `pretrain_on_labelled` (pretrain.include_labelled)."""
     from pipelines.training import build_pipeline
 
-    return build_pipeline(cluster or ClusterSettings())
+    return build_pipeline(cluster or ClusterSettings(), pretrain_on_labelled)
 
 
-def compile_pipeline(out: Path, cluster: ClusterSettings | None = None) -> Path:
+def compile_pipeline(
+    out: Path, cluster: ClusterSettings | None = None, pretrain_on_labelled: bool = False
+) -> Path:
     """Compile the pipeline to `out` (two YAML documents: the DAG, then Kubernetes settings)."""
     from kfp import compiler
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build(cluster), str(out))
+    compiler.Compiler().compile(build(cluster, pretrain_on_labelled), str(out))
     return out
 
 
@@ -157,7 +162,9 @@ def submit(
     arguments = pipeline_arguments(settings, source, pool)
     client = _client(cluster)
     with tempfile.TemporaryDirectory() as folder:
-        package = compile_pipeline(Path(folder) / "training.yaml", cluster)
+        package = compile_pipeline(
+            Path(folder) / "training.yaml", cluster, settings.pretrain.include_labelled
+        )
         result = client.create_run_from_pipeline_package(
             str(package),
             arguments=arguments,
@@ -186,7 +193,9 @@ def schedule(
     client = _client(cluster)
     experiment = client.create_experiment(cluster.experiment, namespace=cluster.namespace)
     with tempfile.TemporaryDirectory() as folder:
-        package = compile_pipeline(Path(folder) / "training.yaml", cluster)
+        package = compile_pipeline(
+            Path(folder) / "training.yaml", cluster, settings.pretrain.include_labelled
+        )
         job = client.create_recurring_run(
             experiment_id=experiment.experiment_id,
             job_name=name,
@@ -205,7 +214,7 @@ def schedule(
 
 
 def compile_command(args: argparse.Namespace, settings: Settings) -> None:
-    out = compile_pipeline(args.out, settings.cluster)
+    out = compile_pipeline(args.out, settings.cluster, settings.pretrain.include_labelled)
     print(f"compiled the training pipeline to {out}")
 
 

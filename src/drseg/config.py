@@ -139,8 +139,10 @@ class PretrainSettings(TrainingRunSettings):
     temperature: float = Field(0.2, gt=0)
     """NT-Xent temperature."""
     projection_dim: int = Field(128, ge=8)
-    include_labelled: bool = True
-    """Also pretrain on the labelled training photographs, without their labels."""
+    include_labelled: bool = False
+    """Also pretrain on the labelled training photographs, without their labels. Off by
+    default: it makes every change to the labelled set re-run pretraining in the pipeline
+    (see pipelines/training.py), for a set that is small beside the pool."""
 
 
 class EvaluateSettings(Section):

@@ -138,7 +138,8 @@ def run_pipeline(
     Without a source, synthetic photographs are made for it and for the pool.
     """
     from kfp import local
-    from pipelines.training import training
+
+    from drseg.cluster import build
 
     if source is not None:
         pipeline_arguments(settings, source, pool)  # refuse a bad request before any work
@@ -182,6 +183,7 @@ def run_pipeline(
     )
     summary: dict[str, Any] = {"run": run.name, "source": source, "steps": steps}
     error = None
+    training = build(settings.cluster, settings.pretrain.include_labelled)
     tasks = training.pipeline_spec.root.dag.tasks
     display = {name: task.task_info.name for name, task in tasks.items()}
     with _captured(run / "pipeline.log", verbose, display) as log:

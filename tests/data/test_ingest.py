@@ -16,7 +16,7 @@ from PIL import Image
 
 from drseg.config import IngestSettings
 from drseg.data import dataset
-from drseg.data.ingest import IngestError, assign_splits, ingest
+from drseg.data.ingest import IngestError, assign_splits, ingest, source_fingerprint
 from drseg.preprocess import resize_mask
 
 SETTINGS = IngestSettings(working_width=128, workers=1)
@@ -204,6 +204,21 @@ def test_hash_depends_on_content_and_parameters_only(source: Path, tmp_path: Pat
     mask[0, 0] = ~mask[0, 0]
     dataset.write_mask(source / "masks/OD/synth_0002.png", mask)
     assert ingest(source, tmp_path / "d", SETTINGS).manifest.dataset_hash != first
+
+
+def test_fingerprint_changes_with_any_file_and_only_then(source: Path) -> None:
+    """What ingest is cached on in the pipeline: read from the listing, no file opened."""
+    first = source_fingerprint(source)
+    assert source_fingerprint(source) == first
+    photo = next((source / "images").iterdir())
+    photo.write_bytes(photo.read_bytes() + b"\0")
+    rewritten = source_fingerprint(source)
+    assert rewritten != first
+    (source / "images" / "new.jpg").write_bytes(b"x")
+    added = source_fingerprint(source)
+    assert added not in (first, rewritten)
+    (source / "images" / "new.jpg").unlink()
+    assert source_fingerprint(source) == rewritten
 
 
 def test_idrid_layout_on_generated_data(synthetic_idrid: Path, tmp_path: Path) -> None:

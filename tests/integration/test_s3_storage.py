@@ -44,6 +44,19 @@ def test_round_trip_bytes_size_and_list(s3_server: S3Server, s3_bucket: str) -> 
     assert storage.describe(SPACED_KEY) == f"s3://{s3_bucket}/run 1/{SPACED_KEY}"
 
 
+def test_stamps_change_when_an_object_is_rewritten(s3_server: S3Server, s3_bucket: str) -> None:
+    """Same size, new bytes: the ETag from the listing changes (ingest's cache key)."""
+    storage = open_storage(f"s3://{s3_bucket}/stamps", s3_server.settings())
+    storage.write_bytes("a.jpg", b"first")
+    storage.write_bytes("b.jpg", b"other")
+    before = storage.stamps()
+    storage.write_bytes("a.jpg", b"again")
+    after = storage.stamps()
+    assert set(before) == set(after) == {"a.jpg", "b.jpg"}
+    assert before["a.jpg"] != after["a.jpg"]
+    assert before["b.jpg"] == after["b.jpg"]
+
+
 def test_list_stays_inside_the_prefix(s3_server: S3Server, s3_bucket: str) -> None:
     client = s3_server.client()
     for key in ["data/x.jpg", "data/sub/y.jpg", "data", "data2/z.jpg", "other.jpg", "data/dir/"]:

@@ -23,17 +23,18 @@ from drseg.cluster import (
     submit,
     validate_cron,
 )
-from drseg.config import ClusterSettings, Settings, load_settings
+from drseg.config import ClusterSettings, ModelSettings, PretrainSettings, Settings, load_settings
 from drseg.run import pipeline_arguments
 
 CHECKED_IN = Path(__file__).parents[2] / "pipelines" / "compiled" / "training.yaml"
 GPU_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-tensorrt"}
-STORAGE_EXECUTORS = {"exec-ingest", "exec-ingest-2"}
+STORAGE_EXECUTORS = {"exec-ingest", "exec-ingest-2", "exec-fingerprint", "exec-fingerprint-2"}
 TRACKING_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-gate"}
 TRACKING_EXECUTORS |= {"exec-register"}
-CACHED = {"clahe", "clahe-2", "pretrain"}
-"""Steps whose parameters include the content hash of their data (see pipelines/training.py)."""
-NOT_CACHED = {"ingest", "ingest-2", "finetune", "evaluate", "gate", "export", "register"}
+CACHED = {"ingest", "ingest-2", "clahe", "clahe-2", "pretrain"}
+"""Steps keyed on the content of their data (see pipelines/training.py, test_cache_keys.py)."""
+NOT_CACHED = {"fingerprint", "fingerprint-2", "finetune", "evaluate", "gate", "export"}
+NOT_CACHED |= {"register"}
 NOT_CACHED |= {"tensorrt", "triton-repository"}
 
 
@@ -130,8 +131,9 @@ def test_no_credential_values_in_compiled_yaml(
 
 
 def test_caching_flags(documents: list[dict[str, Any]]) -> None:
-    """Ingest reads a path whose content may change, so it always runs; pretraining takes
-    no per-run parameter (no pipeline run id), so an unchanged pool reuses its encoder."""
+    """Only the source listing always runs; pretraining takes no per-run parameter (no
+    pipeline run id) and, by default, not the labelled data, so an unchanged pool reuses
+    its encoder."""
     tasks = dict(documents[0]["root"]["dag"]["tasks"])
     tasks |= documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]
     assert set(tasks) == CACHED | NOT_CACHED | {"condition-1"}
@@ -140,6 +142,7 @@ def test_caching_flags(documents: list[dict[str, Any]]) -> None:
     pretrain_inputs = tasks["pretrain"]["inputs"]["parameters"]
     assert "pipeline_run_id" not in pretrain_inputs
     assert set(pretrain_inputs) == {"pool_hash", "model_config", "config"}
+    assert set(tasks["pretrain"]["inputs"]["artifacts"]) == {"pool"}
     for name in NOT_CACHED:
         assert tasks[name]["cachingOptions"] == {}, f"{name} must never come from the cache"
 
@@ -331,3 +334,21 @@ def test_schedule_refuses_five_fields_before_calling_the_cluster(
 def test_submit_without_a_host_names_the_setting(settings: Settings) -> None:
     with pytest.raises(ClusterError, match=r"cluster\.kfp_host is not set"):
         submit(settings, "s3://a", "s3://b", cluster=ClusterSettings())
+
+
+def test_pretrain_refuses_a_labelled_setting_its_pipeline_was_not_built_with(
+    tmp_path: Path,
+) -> None:
+    """pretrain.include_labelled is fixed when the pipeline is built; a run parameter that
+    says otherwise must fail loudly, not pretrain silently on the pool alone."""
+    from components.pretrain import pretrain
+    from kfp.dsl import Dataset, Model
+
+    with pytest.raises(ValueError, match="recompile"):
+        pretrain.python_func(
+            pool=Dataset(uri=str(tmp_path / "pool")),
+            pool_hash="h",
+            model_config=ModelSettings().model_dump_json(),
+            config=PretrainSettings(include_labelled=True).model_dump_json(),
+            encoder=Model(uri=str(tmp_path / "encoder")),
+        )

@@ -43,6 +43,9 @@ def settings(tmp_path: Path) -> Settings:
 def test_run_synthetic_pipeline_writes_summary_and_datasets(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Pretraining on the labelled train split too: the pipeline built with that input."""
+    pretrain = settings.pretrain.model_copy(update={"include_labelled": True})
+    settings = settings.model_copy(update={"pretrain": pretrain})
     run = run_pipeline(settings)
     assert (settings.home / "runs" / "latest").resolve() == run.resolve()
     summary = json.loads((run / "summary.json").read_text())
@@ -52,8 +55,10 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
         name: "success"
         for name in (
             "synth",
+            "fingerprint",
             "ingest",
             "clahe",
+            "pool-fingerprint",
             "pool-ingest",
             "pool-clahe",
             "pretrain",
@@ -87,6 +92,9 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     encoder = Path(steps["pretrain"]["outputs"]["encoder"]["path"]) / "encoder.pt"
     card = json.loads((Path(trained["model"]["path"]) / "model.json").read_text())
     assert card["encoder_init"] == dataset.sha256(encoder.read_bytes())
+    pool_hash = steps["pool-clahe"]["outputs"]["Output"]
+    pretrained_on = steps["pretrain"]["outputs"]["encoder"]["metadata"]["dataset_hash"]
+    assert pretrained_on == dataset.content_hash([pool_hash, steps["clahe"]["outputs"]["Output"]])
     ingested = dataset.load_manifest(Path(ingest["dataset"]["path"]))
     enhanced = dataset.load_manifest(Path(clahe["enhanced"]["path"]))
     assert ingest["Output"] == ingested.dataset_hash == enhanced.parent_hash

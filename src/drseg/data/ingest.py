@@ -144,6 +144,14 @@ def assign_splits(
     return splits
 
 
+def source_fingerprint(source: str | Path, storage_settings: StorageSettings | None = None) -> str:
+    """A hash of the source's listing (keys, sizes, mtimes or ETags), read without opening a
+    file: it changes whenever a photograph or mask is added, removed or rewritten, so the
+    pipeline caches ingest on it instead of re-reading an unchanged source every run."""
+    storage = open_storage(source, storage_settings)
+    return dataset.content_hash({"source": storage.url, "files": storage.stamps()})
+
+
 def ingest(
     source: str | Path,
     out: Path,

@@ -46,6 +46,10 @@ class Storage(Protocol):
     url: str
 
     def list_files(self) -> list[str]: ...
+    def stamps(self) -> dict[str, str]:
+        """Key -> a stamp that changes whenever the file's content does."""
+        ...
+
     def read_bytes(self, key: str) -> bytes: ...
     def size(self, key: str) -> int: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
@@ -63,10 +67,19 @@ class LocalStorage:
         return str(self._path(key))
 
     def list_files(self) -> list[str]:
+        return sorted(self.stamps())
+
+    def stamps(self) -> dict[str, str]:
+        """Size and modification time: any write changes them (atomic writes included)."""
         if not self.root.is_dir():
             raise StorageError(f"{self.root}: no such folder; check the path or create it")
-        files = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
-        return sorted(files)
+        stamps = {}
+        for path in self.root.rglob("*"):
+            if path.is_file():
+                stat = path.stat()
+                key = path.relative_to(self.root).as_posix()
+                stamps[key] = f"{stat.st_size}:{stat.st_mtime_ns}"
+        return stamps
 
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -122,15 +135,22 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def list_files(self) -> list[str]:
+        return sorted(self.stamps())
+
+    def stamps(self) -> dict[str, str]:
+        """The ETag and size from the listing itself: no request per object."""
         start = f"{self.prefix}/" if self.prefix else ""
-        keys: list[str] = []
+        stamps = {}
         with self._errors():
             pages = self._s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=start
             )
             for page in pages:
-                keys += [o["Key"][len(start) :] for o in page.get("Contents", [])]
-        return sorted(k for k in keys if k and not k.endswith("/"))
+                for entry in page.get("Contents", []):
+                    key = entry["Key"][len(start) :]
+                    if key and not key.endswith("/"):
+                        stamps[key] = f"{entry['Size']}:{entry['ETag']}"
+        return stamps
 
     def read_bytes(self, key: str) -> bytes:
         with self._errors(key):

@@ -25,11 +25,10 @@ KUSTOMIZATIONS = sorted(
     p.parent.relative_to(MANIFESTS).as_posix() for p in MANIFESTS.rglob("kustomization.yaml")
 )
 # Custom resources have no schema in kubernetes-validate: checked by hand below.
-CUSTOM_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
-ROLLOUT_RULES = {
-    ("apps", "deployments"): {"get", "list", "watch", "patch", "create"},
-    ("", "pods"): {"get", "list"},
-    ("", "services"): {"get"},
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("networking.istio.io/v1beta1", "VirtualService"),
+    ("networking.istio.io/v1beta1", "DestinationRule"),
 }
 
 
@@ -81,6 +80,7 @@ def test_every_folder_is_found() -> None:
         "base",
         "overlays/stable",
         "overlays/canary",
+        "overlays/istio",
         "monitoring",
         "mlflow",
         "pipelines",
@@ -152,33 +152,67 @@ def test_canary_and_stable_tracks() -> None:
     }
 
 
-def test_rollout_role_is_exactly_the_declared_set() -> None:
-    declared = yaml.safe_load((MANIFESTS / "base" / "rollout-role.yaml").read_text())
-    rendered = find("overlays/stable", "Role", "drseg-rollout")
+@pytest.mark.parametrize(
+    ("kustomization", "role", "source"),
+    [
+        ("overlays/stable", "drseg-rollout", "base/rollout-role.yaml"),
+        ("overlays/istio", "drseg-rollout-istio", "overlays/istio/rollout-role-istio.yaml"),
+    ],
+)
+def test_rollout_roles_render_as_declared(kustomization: str, role: str, source: str) -> None:
+    """Which rules: tests/test_rollout.py derives them from the rollout's own API calls."""
+    declared = yaml.safe_load((MANIFESTS / source).read_text())
+    rendered = find(kustomization, "Role", role)
     assert rendered["rules"] == declared["rules"]
-    granted: dict[tuple[str, str], set[str]] = {}
     for rule in rendered["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames/wildcards"
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                granted.setdefault((group, resource), set()).update(rule["verbs"])
-    assert granted == ROLLOUT_RULES
-    binding = find("overlays/stable", "RoleBinding", "drseg-rollout")
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+    binding = find(kustomization, "RoleBinding", role)
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",
-        "name": "drseg-rollout",
+        "name": role,
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "drseg-rollout"}]
-    find("overlays/stable", "ServiceAccount", "drseg-rollout")
-    # No other (cluster-wide or duplicate) grants anywhere.
+    find(kustomization, "ServiceAccount", "drseg-rollout")
+
+
+def test_no_other_grants() -> None:
     roles = [
         (k, d["metadata"]["name"])
         for k in KUSTOMIZATIONS
         for d in render(k)
         if d["kind"] in {"Role", "ClusterRole", "ClusterRoleBinding"}
     ]
-    assert sorted(roles) == [("base", "drseg-rollout"), ("overlays/stable", "drseg-rollout")]
+    assert sorted(roles) == [
+        ("base", "drseg-rollout"),
+        ("overlays/istio", "drseg-rollout"),
+        ("overlays/istio", "drseg-rollout-istio"),
+        ("overlays/stable", "drseg-rollout"),
+    ]
+
+
+def test_istio_routes_split_the_tracks_the_rollout_weights() -> None:
+    from drseg.config import RolloutSettings
+    from drseg.rollout import TRACK_LABEL
+
+    rollout = RolloutSettings(virtual_service="triton")
+    service = find("overlays/istio", "Service", rollout.service)
+    rule = find("overlays/istio", "DestinationRule", rollout.virtual_service)
+    assert rule["spec"]["host"] == service["metadata"]["name"]
+    assert {s["name"]: s["labels"] for s in rule["spec"]["subsets"]} == {
+        rollout.stable_subset: {TRACK_LABEL: "stable"},
+        rollout.canary_subset: {TRACK_LABEL: "canary"},
+    }
+    stable = find("overlays/istio", "Deployment", rollout.stable)
+    assert stable["spec"]["template"]["metadata"]["labels"][TRACK_LABEL] == "stable"
+    routes = find("overlays/istio", "VirtualService", rollout.virtual_service)
+    assert routes["spec"]["hosts"] == [service["metadata"]["name"]]
+    (http,) = routes["spec"]["http"]
+    assert {(r["destination"]["subset"], r["weight"]) for r in http["route"]} == {
+        (rollout.stable_subset, 100),
+        (rollout.canary_subset, 0),
+    }
 
 
 def test_mlflow_server_settings_from_secret() -> None:

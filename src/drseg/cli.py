@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from drseg import cluster
+from drseg import rollout as rollout_commands
 from drseg.config import Settings, SettingsError, load_settings, settings_as_yaml
 
 EPILOG = """\
@@ -167,17 +168,23 @@ def _predict(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.serving.client import predict
     from drseg.serving.server import resolve_model
 
+    from tritonclient.utils import InferenceServerException
+
     serve = settings.serve
-    model = resolve_model(_repository(args, settings), serve.model_name, args.version)
     port = serve.grpc_port if args.protocol == "grpc" else serve.http_port
-    results = predict(
-        args.photos,
-        args.server or f"{serve.host}:{port}",
-        args.protocol,
-        args.out,
-        model.onnx_path,
-        serve.model_name,
-    )
+    try:
+        model = resolve_model(_repository(args, settings), serve.model_name, args.version)
+        results = predict(
+            args.photos,
+            args.server or f"{serve.host}:{port}",
+            args.protocol,
+            args.out,
+            model.onnx_path,
+            serve.model_name,
+        )
+    except (ValueError, FileNotFoundError, InferenceServerException) as exc:
+        # A bad photograph or an unreachable server: the message names it and the fix.
+        raise SystemExit(f"drseg predict: error: {exc}") from exc
     for result in results:
         found = ", ".join(f"{cls} {info['components']}" for cls, info in result.classes.items())
         seconds = result.total_seconds
@@ -305,6 +312,53 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--source", required=True, help="s3:// prefix to train on")
     schedule.add_argument("--pool", help="s3:// prefix of unlabelled photographs to pretrain on")
     schedule.add_argument("--name", default="drseg-retraining", help="recurring run name")
+
+    rollout = verb(
+        "rollout",
+        lambda *_: rollout.print_help(),
+        "canary rollout of a model version on Kubernetes (settings: rollout.*)",
+    )
+    rollout.epilog = (
+        "Every action can be re-run after an interruption: the rollout's state is recorded on "
+        "the canary Deployment. Exit status 1: a check failed and the canary was aborted "
+        "(stable untouched); 2: the action could not run."
+    )
+    rollout_verbs = rollout.add_subparsers(dest="rollout_verb", metavar="ACTION")
+    rollout_start = rollout_verbs.add_parser(
+        "start",
+        help="create the canary and walk the traffic steps, checking it against stable at each",
+        description="Create or update the canary Deployment of VERSION beside stable and walk "
+        "rollout.steps: at each, wait until it is ready, shift traffic to it (replica ratio, or "
+        "Istio weights with rollout.virtual_service), let it soak, then compare it with stable "
+        "(failure rate, p99 latency, Dice agreement of the masks on rollout.probe_photos). Any "
+        "failed check aborts the canary.",
+    )
+    rollout_start.set_defaults(handler=rollout_commands.start_command)
+    rollout_start.add_argument(
+        "--version", type=int, required=True, help="registry version to roll out"
+    )
+    rollout_start.add_argument(
+        "--retry", action="store_true", help="start an aborted version again from the first step"
+    )
+    rollout_status = rollout_verbs.add_parser(
+        "status", help="print the recorded rollout state as JSON"
+    )
+    rollout_status.set_defaults(handler=rollout_commands.status_command)
+    rollout_promote = rollout_verbs.add_parser(
+        "promote", help="stable takes the canary's version; @champion moves, @previous is kept"
+    )
+    rollout_promote.set_defaults(handler=rollout_commands.promote_command)
+    rollout_abort = rollout_verbs.add_parser(
+        "abort", help="send all traffic to stable and scale the canary to 0"
+    )
+    rollout_abort.set_defaults(handler=rollout_commands.abort_command)
+    rollout_abort.add_argument(
+        "--reason", default="aborted by operator", help="recorded on the canary"
+    )
+    for action in (rollout_start, rollout_promote, rollout_abort):
+        action.add_argument(
+            "--dry-run", action="store_true", help="print the planned changes as a diff only"
+        )
 
     config = verb("config", lambda *_: config.print_help(), "settings")
     config_verbs = config.add_subparsers(dest="config_verb", metavar="ACTION")

@@ -263,6 +263,10 @@ class ServeSettings(Section):
     instance_count: int = Field(1, ge=1)
     ort_threads: int = Field(0, ge=0)
     """ONNX Runtime intra-op threads in the local server; 0 lets it choose (one per core)."""
+    max_input_pixels: int = Field(2048 * 2048, ge=1)
+    """Largest image (height x width, padded) the local server runs; a larger request is
+    refused before ONNX Runtime allocates for it. 2048 x 2048 holds the widest working size
+    (configs/idrid.yaml: 2048 wide)."""
     exit_timeout_s: int = Field(5, ge=0)
     """How long the local server waits for in-flight requests when stopping."""
 
@@ -369,6 +373,56 @@ class TrackingSettings(Section):
     enabled: bool = True
 
 
+class RolloutSettings(Section):
+    """The canary rollout on Kubernetes (`drseg rollout`): its objects, steps and checks."""
+
+    namespace: str = "default"
+    stable: str = "triton"
+    canary: str = "triton-canary"
+    service: str = "triton"
+    """The shared Service; its selector must match canary pods or the canary gets no traffic."""
+    container: str = "triton"
+    repository_uri: str = "s3://drseg-models/triton/{version}"
+    """Model repository of a version; ``{version}`` is replaced by the version number."""
+    steps: tuple[float, ...] = (0.1, 0.5)
+    """Canary share of the traffic at each step, in order: of total_replicas, or of the route
+    weights when virtual_service is set. Stable is never scaled before promote, so an abort
+    leaves it exactly as it was."""
+    total_replicas: int = Field(2, ge=1)
+    virtual_service: str | None = None
+    """Istio VirtualService whose route weights carry the steps (manifests/overlays/istio);
+    None: the traffic follows the replica ratio behind the shared Service."""
+    stable_subset: str = "stable"
+    canary_subset: str = "canary"
+    """DestinationRule subsets that the VirtualService's routes name."""
+    ready_timeout_s: float = Field(900.0, gt=0)
+    """Loading TensorRT plans from S3 can take minutes (see the startup probe)."""
+    poll_s: float = Field(5.0, gt=0)
+    soak_s: float = Field(300.0, ge=0)
+    """How long each step serves traffic before its analysis: counters need requests."""
+    max_failure_rate_diff: float = Field(0.01, ge=0)
+    max_p99_ratio: float = Field(1.5, gt=0)
+    min_dice_agreement: float = Field(0.95, ge=0, le=1)
+    probe_photos: Path | None = None
+    """Folder of fundus photographs (a few) that both tracks segment for the output-agreement
+    check; `drseg rollout start` needs it."""
+    stable_url: str | None = None
+    canary_url: str | None = None
+    """host:port of a track's Triton HTTP endpoint, e.g. a `kubectl port-forward`; None: a
+    running pod of the track by its IP, as from inside the cluster."""
+    http_port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    probe_timeout_s: float = Field(120.0, gt=0)
+    state_annotation: str = "drseg.io/rollout-state"
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_shares(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0 < s <= 1 for s in value) or list(value) != sorted(value):
+            raise ValueError(f"steps must be increasing shares in (0, 1], got {value}")
+        return value
+
+
 class Settings(Section):
     home: Path = Path(".drseg")
     """Workspace for local runs; DRSEG_HOME overrides it."""
@@ -386,6 +440,7 @@ class Settings(Section):
     serve: ServeSettings = ServeSettings()
     cluster: ClusterSettings = ClusterSettings()
     tracking: TrackingSettings = TrackingSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
 
 class SettingsError(ValueError):

@@ -238,6 +238,20 @@ def download(client: MlflowClient | str, name: str, alias: str, dst: Path) -> tu
     return number, Path(local)
 
 
+def download_onnx(client: MlflowClient | str, name: str, version: int | str, dst: Path) -> Path:
+    """model.onnx of `version` alone, downloaded into `dst`: it carries the serving contract,
+    and the rest of the version (the checkpoint above all) is not needed to serve it."""
+    client = _client(client)
+    number = _version_number(version)
+    _registered(client, name)
+    _version(client, name, number)
+    source = client.get_model_version_download_uri(name, number).rstrip("/")
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{source}/{ONNX_FILE}", dst_path=str(dst), tracking_uri=client.tracking_uri
+    )
+    return Path(local)
+
+
 def _load_onnx(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ONNX file to register; export the model first")

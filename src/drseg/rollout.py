@@ -3,7 +3,13 @@
 The rollout is a small state machine recorded as a JSON annotation on the canary Deployment
 (version, step, status, reason), so every command can be re-run after an interruption and
 continues from what the cluster says, not from local memory. All cluster access goes through
-`Cluster`, whose calls are exactly those that manifests/base/rollout-role.yaml grants.
+`Cluster`, whose calls are exactly those that manifests/base/rollout-role.yaml grants (plus
+manifests/overlays/istio/rollout-role-istio.yaml when rollout.virtual_service is set).
+
+Traffic: by default the shared Service spreads requests over both tracks' pods, so the canary's
+share is its share of the replicas. With an Istio VirtualService named in the settings, each
+step sets the stable and canary route weights instead; abort and promote set them back to
+100/0 before the canary is scaled to 0.
 
 Statuses: ``progressing`` (walking the traffic steps), ``ready`` (every step passed, waiting
 for promote), ``promoted``, ``aborted``.
@@ -11,61 +17,39 @@ for promote), ``promoted``, ``aborted``.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import difflib
+import functools
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import yaml
-from pydantic import Field, field_validator
 
-from drseg.config import Section
+from drseg.config import RolloutSettings, Settings
+
+if TYPE_CHECKING:
+    from drseg.export.onnx_export import ServingContract
+    from drseg.serving.agreement import ContractFn
 
 REPOSITORY_ENV = "MODEL_REPOSITORY_S3_URI"
 VERSION_LABEL = "drseg.io/model-version"
 TRACK_LABEL = "track"
+ISTIO = ("networking.istio.io", "v1beta1", "virtualservices")
+"""(group, version, plural) of the Istio VirtualService."""
 
 Obj = dict[str, Any]
-
-
-class RolloutSettings(Section):
-    namespace: str = "default"
-    stable: str = "triton"
-    canary: str = "triton-canary"
-    service: str = "triton"
-    """The shared Service; its selector must match canary pods or the canary gets no traffic."""
-    container: str = "triton"
-    repository_uri: str = "s3://drseg-models/triton/{version}"
-    """Model repository of a version; ``{version}`` is replaced by the version number."""
-    steps: tuple[float, ...] = (0.1, 0.5)
-    """Canary replicas as a share of total_replicas, in order. Stable is never scaled before
-    promote, so an abort leaves it exactly as it was."""
-    total_replicas: int = Field(2, ge=1)
-    ready_timeout_s: float = Field(900.0, gt=0)
-    """Loading TensorRT plans from S3 can take minutes (see the startup probe)."""
-    poll_s: float = Field(5.0, gt=0)
-    max_failure_rate_diff: float = Field(0.01, ge=0)
-    max_p99_ratio: float = Field(1.5, gt=0)
-    min_dice_agreement: float = Field(0.95, ge=0, le=1)
-    metrics_port: int = 8002
-    state_annotation: str = "drseg.io/rollout-state"
-
-    @field_validator("steps")
-    @classmethod
-    def _increasing_shares(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or any(not 0 < s <= 1 for s in value) or list(value) != sorted(value):
-            raise ValueError(f"steps must be increasing shares in (0, 1], got {value}")
-        return value
-
-    def canary_replicas(self, step: int) -> int:
-        return max(1, math.ceil(self.steps[step] * self.total_replicas))
 
 
 class RolloutError(RuntimeError):
@@ -77,48 +61,63 @@ class RolloutAborted(RolloutError):
 
 
 class Cluster(Protocol):
-    """Exactly the Kubernetes calls the rollout makes (a test checks them against the Role)."""
+    """Exactly the Kubernetes calls the rollout makes (a test checks them against the Roles)."""
 
     def get_deployment(self, name: str) -> Obj | None: ...
     def create_deployment(self, body: Obj) -> Obj: ...
     def patch_deployment(self, name: str, patch: Obj) -> Obj: ...
     def list_pods(self, selector: str) -> list[Obj]: ...
     def read_service(self, name: str) -> Obj: ...
+    def get_virtual_service(self, name: str) -> Obj | None: ...
+    def patch_virtual_service(self, name: str, patch: Obj) -> Obj: ...
 
 
 class KubeCluster:
     """`Cluster` over the kubernetes client; objects are plain dicts in API (camelCase) form."""
 
-    def __init__(self, apps: Any, core: Any, namespace: str) -> None:
+    def __init__(self, apps: Any, core: Any, custom: Any, namespace: str) -> None:
         from kubernetes.client import ApiClient
 
-        self.apps, self.core, self.namespace = apps, core, namespace
+        self.apps, self.core, self.custom, self.namespace = apps, core, custom, namespace
         self._api = ApiClient()
 
     @classmethod
     def from_environment(cls, namespace: str) -> KubeCluster:
-        """In-cluster service account first (the drseg-rollout Role), else ~/.kube/config."""
+        """In-cluster service account first (the drseg-rollout Role), else the kubeconfig:
+        KUBECONFIG as set now (the client reads it once, at import), or ~/.kube/config."""
         from kubernetes import client, config
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.AppsV1Api(), client.CoreV1Api(), namespace)
+            try:
+                config.load_kube_config(os.environ.get("KUBECONFIG"))
+            except config.ConfigException as exc:
+                raise RolloutError(
+                    f"no Kubernetes credentials ({exc}); run in the cluster as the "
+                    "drseg-rollout service account, or point KUBECONFIG at a kubeconfig"
+                ) from exc
+        return cls(client.AppsV1Api(), client.CoreV1Api(), client.CustomObjectsApi(), namespace)
 
     def _dict(self, obj: Any) -> Obj:
         out: Obj = self._api.sanitize_for_serialization(obj)
         return out
 
-    def get_deployment(self, name: str) -> Obj | None:
+    @staticmethod
+    def _or_none(read: Callable[[], Any]) -> Any:
+        """read(), or None where the object does not exist (404)."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self._dict(self.apps.read_namespaced_deployment(name, self.namespace))
+            return read()
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def get_deployment(self, name: str) -> Obj | None:
+        found = self._or_none(lambda: self.apps.read_namespaced_deployment(name, self.namespace))
+        return None if found is None else self._dict(found)
 
     def create_deployment(self, body: Obj) -> Obj:
         return self._dict(self.apps.create_namespaced_deployment(self.namespace, body))
@@ -133,6 +132,23 @@ class KubeCluster:
 
     def read_service(self, name: str) -> Obj:
         return self._dict(self.core.read_namespaced_service(name, self.namespace))
+
+    def get_virtual_service(self, name: str) -> Obj | None:
+        group, version, plural = ISTIO
+        found: Obj | None = self._or_none(
+            lambda: self.custom.get_namespaced_custom_object(
+                group, version, self.namespace, plural, name
+            )
+        )
+        return found
+
+    def patch_virtual_service(self, name: str, patch: Obj) -> Obj:
+        # Custom objects take a JSON merge patch: lists are replaced, so send `http` whole.
+        group, version, plural = ISTIO
+        out: Obj = self.custom.patch_namespaced_custom_object(
+            group, version, self.namespace, plural, name, patch
+        )
+        return out
 
 
 @dataclass(frozen=True)
@@ -168,8 +184,8 @@ class TrackMetrics:
 
 MetricsFn = Callable[["Cluster", RolloutSettings], tuple[TrackMetrics, TrackMetrics]]
 """Returns (stable, canary) metrics."""
-AgreementFn = Callable[[RolloutSettings], float]
-"""Mean Dice between stable's and canary's masks on the fixed probe set."""
+AgreementFn = Callable[["Cluster", RolloutSettings], float]
+"""Dice agreement between stable's and the canary's masks on the fixed probe set."""
 PromoteFn = Callable[[str, str], None]
 """(version, reason): moves the MLflow @champion alias, e.g. via drseg.registry.promote."""
 Clock = Callable[[], float]
@@ -228,23 +244,73 @@ def _selector(labels: Mapping[str, str], extra: str = "") -> str:
     return ",".join([*(f"{k}={v}" for k, v in sorted(labels.items())), *([extra] if extra else [])])
 
 
+def _pod_ips(cluster: Cluster, settings: RolloutSettings, canary: bool) -> list[str]:
+    """IPs of the running pods of one track, by the Deployment's own selector (stable's
+    excludes track=canary, in case it selects by app name alone)."""
+    name, extra = (settings.canary, "") if canary else (settings.stable, f"{TRACK_LABEL}!=canary")
+    labels = _require(cluster, name)["spec"]["selector"].get("matchLabels", {})
+    return [
+        pod["status"]["podIP"]
+        for pod in cluster.list_pods(_selector(labels, extra))
+        if pod.get("status", {}).get("podIP") and pod["status"].get("phase") == "Running"
+    ]
+
+
 def scrape_metrics(
     cluster: Cluster, settings: RolloutSettings, fetch: Callable[[str], str] = _fetch
 ) -> tuple[TrackMetrics, TrackMetrics]:
     """Real `MetricsFn`: each running pod's :8002/metrics, summed per track."""
-    out = []
-    for name, extra in ((settings.stable, f"{TRACK_LABEL}!=canary"), (settings.canary, "")):
-        deployment = _require(cluster, name)
-        labels = deployment["spec"]["selector"].get("matchLabels", {})
-        parts = []
-        for pod in cluster.list_pods(_selector(labels, extra)):
-            ip = pod.get("status", {}).get("podIP")
-            if ip and pod.get("status", {}).get("phase") == "Running":
-                parts.append(
-                    parse_triton_metrics(fetch(f"http://{ip}:{settings.metrics_port}/metrics"))
-                )
-        out.append(_sum(parts))
-    return out[0], out[1]
+
+    def track(canary: bool) -> TrackMetrics:
+        ips = _pod_ips(cluster, settings, canary)
+        port = settings.metrics_port
+        return _sum([parse_triton_metrics(fetch(f"http://{ip}:{port}/metrics")) for ip in ips])
+
+    return track(canary=False), track(canary=True)
+
+
+def probe_agreement(
+    photos_folder: Path | None, contract_for: ContractFn, model_name: str
+) -> AgreementFn:
+    """Real `AgreementFn`: the probe photographs through each track's Triton
+    (drseg.serving.agreement). A track is reached at rollout.stable_url / canary_url, else at
+    its first running pod's IP and rollout.http_port, as from inside the cluster."""
+    from drseg.serving.agreement import mask_agreement, probe_photographs
+
+    if photos_folder is None:
+        raise RolloutError(
+            "rollout.probe_photos is not set: the output-agreement check needs a folder of a "
+            "few fundus photographs to send to both tracks; set it in the settings file"
+        )
+    try:
+        photos = probe_photographs(photos_folder)
+    except OSError as exc:
+        raise RolloutError(f"rollout.probe_photos: {exc}") from exc
+
+    def url(cluster: Cluster, settings: RolloutSettings, canary: bool) -> str:
+        given = settings.canary_url if canary else settings.stable_url
+        if given:
+            return given
+        ips = _pod_ips(cluster, settings, canary)
+        if not ips:
+            track = "canary" if canary else "stable"
+            raise RolloutError(
+                f"no running {track} pod to send the probe photographs to; check "
+                f"`kubectl get pods -l {TRACK_LABEL}={track}` or set rollout.{track}_url"
+            )
+        return f"{ips[0]}:{settings.http_port}"
+
+    def agreement(cluster: Cluster, settings: RolloutSettings) -> float:
+        return mask_agreement(
+            photos,
+            url(cluster, settings, canary=False),
+            url(cluster, settings, canary=True),
+            contract_for,
+            model_name,
+            settings.probe_timeout_s,
+        )
+
+    return agreement
 
 
 def _require(cluster: Cluster, name: str) -> Obj:
@@ -266,6 +332,15 @@ def read_state(deployment: Obj | None, settings: RolloutSettings) -> State | Non
 
 def _state_patch(state: State, settings: RolloutSettings) -> Obj:
     return {"metadata": {"annotations": {settings.state_annotation: json.dumps(asdict(state))}}}
+
+
+def canary_replicas(settings: RolloutSettings, step: int) -> int:
+    return max(1, math.ceil(settings.steps[step] * settings.total_replicas))
+
+
+def canary_percent(settings: RolloutSettings, step: int) -> int:
+    """The canary's route weight at `step` (with rollout.virtual_service)."""
+    return round(settings.steps[step] * 100)
 
 
 def _set_env(template: Obj, container: str, value: str) -> None:
@@ -305,28 +380,27 @@ def desired_canary(stable: Obj, settings: RolloutSettings, state: State, replica
     return body
 
 
-def _view(deployment: Obj | None) -> str:
-    if deployment is None:
+def _view(obj: Obj | None) -> str:
+    if obj is None:
         return ""
-    meta = deployment.get("metadata", {})
+    meta = obj.get("metadata", {})
     keep = {k: meta[k] for k in ("name", "labels", "annotations") if meta.get(k)}
-    return yaml.safe_dump(
-        {"metadata": keep, "spec": deployment.get("spec")}, sort_keys=True, width=1000
-    )
+    return yaml.safe_dump({"metadata": keep, "spec": obj.get("spec")}, sort_keys=True, width=1000)
 
 
-def _diff(name: str, before: Obj | None, after: Obj | None) -> str:
+def _diff(before: Obj | None, after: Obj) -> str:
+    title = f"{after.get('kind', 'object')}/{after['metadata']['name']}"
     return "".join(
         difflib.unified_diff(
             _view(before).splitlines(keepends=True),
             _view(after).splitlines(keepends=True),
-            f"{name} (cluster)",
-            f"{name} (planned)",
+            f"{title} (cluster)",
+            f"{title} (planned)",
         )
     )
 
 
-def _merged(deployment: Obj, patch: Obj) -> Obj:
+def _merged(obj: Obj, patch: Obj) -> Obj:
     """What a patch would give, for the dry-run diff (dicts merge, lists are replaced)."""
 
     def merge(a: Any, b: Any) -> Any:
@@ -334,28 +408,38 @@ def _merged(deployment: Obj, patch: Obj) -> Obj:
             return {**a, **{k: merge(a.get(k), v) for k, v in b.items()}}
         return copy.deepcopy(b)
 
-    out: Obj = merge(deployment, patch)
+    out: Obj = merge(obj, patch)
     return out
 
 
 class _Apply:
-    """Applies patches, or with dry_run writes their diffs and changes nothing."""
+    """Applies changes, or with dry_run writes their diffs and changes nothing."""
 
-    def __init__(self, cluster: Cluster, dry_run: bool, out: TextIO) -> None:
-        self.cluster, self.dry_run, self.out = cluster, dry_run, out
+    def __init__(self, cluster: Cluster, dry_run: bool, out: TextIO | None) -> None:
+        """`out`: where diffs go; None is the standard output at the time of writing."""
+        self.cluster, self.dry_run, self._out = cluster, dry_run, out
+
+    @property
+    def out(self) -> TextIO:
+        return sys.stdout if self._out is None else self._out
 
     def create(self, body: Obj) -> None:
         if self.dry_run:
-            self.out.write(_diff(body["metadata"]["name"], None, body))
+            self.out.write(_diff(None, body))
         else:
             self.cluster.create_deployment(body)
 
     def patch(self, current: Obj, patch: Obj) -> None:
-        name = current["metadata"]["name"]
+        self._patch(current, patch, self.cluster.patch_deployment)
+
+    def patch_route(self, current: Obj, patch: Obj) -> None:
+        self._patch(current, patch, self.cluster.patch_virtual_service)
+
+    def _patch(self, current: Obj, patch: Obj, send: Callable[[str, Obj], Obj]) -> None:
         if self.dry_run:
-            self.out.write(_diff(name, current, _merged(current, patch)))
+            self.out.write(_diff(current, _merged(current, patch)))
         else:
-            self.cluster.patch_deployment(name, patch)
+            send(current["metadata"]["name"], patch)
 
 
 def _scale_patch(replicas: int) -> Obj:
@@ -371,6 +455,45 @@ def _check_service(cluster: Cluster, settings: RolloutSettings, canary: Obj) -> 
             f"Service {settings.service!r} selects {missing}, which canary pods lack: the "
             "canary would get no traffic. Drop those keys from the Service selector."
         )
+
+
+def _subsets(rule: Obj) -> set[str | None]:
+    return {route.get("destination", {}).get("subset") for route in rule.get("route") or []}
+
+
+def _weighted_routes(virtual_service: Obj, settings: RolloutSettings, percent: int) -> list[Obj]:
+    """The VirtualService's http rules with `percent` on the canary subset and the rest on
+    stable, in every rule that routes to exactly those two subsets."""
+    http = copy.deepcopy((virtual_service.get("spec") or {}).get("http") or [])
+    weights = {settings.stable_subset: 100 - percent, settings.canary_subset: percent}
+    split = [rule for rule in http if _subsets(rule) == set(weights)]
+    if not split:
+        raise RolloutError(
+            f"VirtualService {settings.virtual_service!r} has no http rule routing to exactly "
+            f"the subsets {sorted(weights)}; add one (manifests/overlays/istio) or set "
+            "rollout.stable_subset / canary_subset"
+        )
+    for rule in split:
+        for route in rule["route"]:
+            route["weight"] = weights[route["destination"]["subset"]]
+    return http
+
+
+def _route(cluster: Cluster, settings: RolloutSettings, apply: _Apply, percent: int) -> None:
+    """With rollout.virtual_service, give the canary `percent` of the traffic; else nothing
+    (the replica ratio decides)."""
+    if settings.virtual_service is None:
+        return
+    current = cluster.get_virtual_service(settings.virtual_service)
+    if current is None:
+        raise RolloutError(
+            f"VirtualService {settings.virtual_service!r} not found in namespace "
+            f"{settings.namespace!r}; apply manifests/overlays/istio or unset "
+            "rollout.virtual_service"
+        )
+    http = _weighted_routes(current, settings, percent)
+    if http != current["spec"]["http"]:
+        apply.patch_route(current, {"spec": {"http": http}})
 
 
 def _wait_ready(
@@ -411,7 +534,7 @@ def _analyse(
             f"latency {canary.latency_us:.0f}us vs stable {stable.latency_us:.0f}us "
             f"(ratio > {settings.max_p99_ratio})"
         )
-    dice = agreement(settings)
+    dice = agreement(cluster, settings)
     if dice < settings.min_dice_agreement:
         return f"output agreement Dice {dice:.4f} < {settings.min_dice_agreement}"
     return None
@@ -423,9 +546,10 @@ def abort(
     reason: str = "aborted by operator",
     *,
     dry_run: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> State | None:
-    """Scale the canary to 0 and record why; stable is not touched. Safe to repeat."""
+    """Route all traffic to stable, scale the canary to 0 and record why; stable's Deployment
+    is not touched. Safe to repeat."""
     canary = cluster.get_deployment(settings.canary)
     state = read_state(canary, settings)
     if canary is None or state is None:
@@ -436,7 +560,9 @@ def abort(
             "of the previous version instead"
         )
     new = State(state.version, state.step, "aborted", reason)
-    _Apply(cluster, dry_run, out).patch(canary, {**_scale_patch(0), **_state_patch(new, settings)})
+    apply = _Apply(cluster, dry_run, out)
+    _route(cluster, settings, apply, 0)
+    apply.patch(canary, {**_scale_patch(0), **_state_patch(new, settings)})
     return new
 
 
@@ -449,14 +575,15 @@ def start(
     *,
     retry: bool = False,
     dry_run: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
 ) -> State:
     """Create or update the canary for `version` and walk the traffic steps.
 
+    Each step: canary replicas, wait until ready, route weights (Istio), soak, analysis.
     Resumes from the step recorded on the canary. A failed check aborts (canary to 0, reason
-    recorded) and raises `RolloutAborted`. With dry_run, prints the next change only.
+    recorded) and raises `RolloutAborted`. With dry_run, prints the next step's changes only.
     """
     version = str(version)
     stable = _require(cluster, settings.stable)
@@ -481,7 +608,7 @@ def start(
         state = State(version)
     apply = _Apply(cluster, dry_run, out)
     for step in range(state.step, len(settings.steps)):
-        replicas = settings.canary_replicas(step)
+        replicas = canary_replicas(settings, step)
         body = desired_canary(stable, settings, state, replicas)
         _check_service(cluster, settings, body)
         if canary is None:
@@ -489,10 +616,22 @@ def start(
         else:
             apply.patch(canary, {"metadata": body["metadata"], "spec": body["spec"]})
         if dry_run:
+            _route(cluster, settings, apply, canary_percent(settings, step))
             return state
-        canary = _require(cluster, settings.canary)
         reason = _wait_ready(cluster, settings, replicas, clock, sleep)
-        reason = reason or _analyse(cluster, settings, metrics, agreement)
+        if reason is None:
+            _route(cluster, settings, apply, canary_percent(settings, step))
+            sleep(settings.soak_s)
+            try:
+                reason = _analyse(cluster, settings, metrics, agreement)
+            except RolloutError:
+                raise
+            except Exception as exc:
+                # Not a verdict on the canary (a scrape or a probe failed): no abort.
+                raise RolloutError(
+                    f"step {step}: the analysis could not run ({type(exc).__name__}: {exc}); "
+                    f"the canary stays as it is: fix that and run the same command to resume"
+                ) from exc
         if reason:
             abort(cluster, settings, f"step {step} ({settings.steps[step]:g}): {reason}")
             raise RolloutAborted(
@@ -512,9 +651,10 @@ def promote(
     promote_champion: PromoteFn,
     *,
     dry_run: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> State:
-    """Stable takes the canary's version, the canary goes to 0, then MLflow @champion moves.
+    """Stable takes the canary's version, all traffic goes back to stable, the canary goes to
+    0, then MLflow @champion moves (the old champion becomes @previous).
 
     The canary is scaled to 0, not deleted: the Role grants no delete. Re-running after a
     crash repeats only what is missing (registry.promote is idempotent).
@@ -535,6 +675,7 @@ def promote(
         }
         apply = _Apply(cluster, dry_run, out)
         apply.patch(stable, patch)
+        _route(cluster, settings, apply, 0)
         new = State(state.version, state.step, "promoted")
         apply.patch(canary, {**_scale_patch(0), **_state_patch(new, settings)})
         if dry_run:
@@ -546,14 +687,128 @@ def promote(
 
 
 def status(cluster: Cluster, settings: RolloutSettings) -> Obj:
-    """The recorded state plus the canary's replica counts, as printable JSON."""
+    """The recorded state, the canary's replica counts and (with Istio) its route weight."""
     canary = cluster.get_deployment(settings.canary)
     state = read_state(canary, settings)
     if canary is None or state is None:
         return {"status": "none"}
     counts = canary.get("status") or {}
-    return {
+    out = {
         **asdict(state),
         "replicas": canary["spec"].get("replicas", 0),
         "readyReplicas": counts.get("readyReplicas") or 0,
     }
+    if settings.virtual_service is not None:
+        routes = (cluster.get_virtual_service(settings.virtual_service) or {}).get("spec", {})
+        out["canaryWeight"] = max(
+            (
+                route.get("weight", 0)
+                for rule in routes.get("http") or []
+                for route in rule.get("route") or []
+                if route.get("destination", {}).get("subset") == settings.canary_subset
+            ),
+            default=0,
+        )
+    return out
+
+
+# --- `drseg rollout` (cli.py builds the parser) -------------------------------------------
+
+
+def _registry_contracts(settings: Settings) -> ContractFn:
+    """A served version's serving contract, from its model.onnx in the MLflow registry (the
+    repository may hold only a TensorRT plan); one download per version and command."""
+    from drseg import registry
+    from drseg.export.onnx_export import read_contract
+    from drseg.tracking import tracking_uri
+
+    uri = tracking_uri(settings.tracking, settings.home)
+
+    @functools.cache
+    def contract(version: str) -> ServingContract:
+        with tempfile.TemporaryDirectory(prefix="drseg-contract-") as tmp:
+            onnx_path = registry.download_onnx(
+                uri, settings.registry.model_name, version, Path(tmp)
+            )
+            return read_contract(onnx_path)
+
+    return contract
+
+
+@contextlib.contextmanager
+def _exits(verb: str) -> Iterator[None]:
+    """Failures as a one-line reason and an exit status: 1 when a check aborted the canary,
+    2 when the command could not act (settings, cluster, registry)."""
+    from kubernetes.client.exceptions import ApiException
+
+    from drseg.registry import RegistryError
+
+    try:
+        yield
+    except RolloutAborted as exc:
+        print(f"drseg rollout {verb}: aborted: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
+    except (RolloutError, RegistryError) as exc:
+        print(f"drseg rollout {verb}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    except ApiException as exc:
+        print(
+            f"drseg rollout {verb}: error: Kubernetes API answered {exc.status} {exc.reason}; "
+            "check rollout.namespace and that the drseg-rollout Role is applied (manifests/)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from exc
+
+
+def start_command(args: argparse.Namespace, settings: Settings) -> None:
+    with _exits("start"):
+        agreement = probe_agreement(
+            settings.rollout.probe_photos, _registry_contracts(settings), settings.serve.model_name
+        )
+        cluster = KubeCluster.from_environment(settings.rollout.namespace)
+        state = start(
+            cluster,
+            settings.rollout,
+            args.version,
+            scrape_metrics,
+            agreement,
+            retry=args.retry,
+            dry_run=args.dry_run,
+        )
+    if not args.dry_run:
+        print(f"canary of version {state.version}: {state.status}, step {state.step}")
+
+
+def status_command(args: argparse.Namespace, settings: Settings) -> None:
+    with _exits("status"):
+        found = status(KubeCluster.from_environment(settings.rollout.namespace), settings.rollout)
+    print(json.dumps(found, indent=2))
+
+
+def promote_command(args: argparse.Namespace, settings: Settings) -> None:
+    from drseg import registry
+    from drseg.tracking import tracking_uri
+
+    uri = tracking_uri(settings.tracking, settings.home)
+    name = settings.registry.model_name
+
+    def champion(version: str, reason: str) -> None:
+        registry.promote(uri, name, version, reason=reason)
+
+    with _exits("promote"):
+        cluster = KubeCluster.from_environment(settings.rollout.namespace)
+        state = promote(cluster, settings.rollout, champion, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"version {state.version} is stable and {name}@champion")
+
+
+def abort_command(args: argparse.Namespace, settings: Settings) -> None:
+    with _exits("abort"):
+        cluster = KubeCluster.from_environment(settings.rollout.namespace)
+        state = abort(cluster, settings.rollout, args.reason, dry_run=args.dry_run)
+    if args.dry_run:
+        return
+    if state is None:
+        print("no rollout to abort")
+    else:
+        print(f"canary of version {state.version} aborted: {state.reason}")

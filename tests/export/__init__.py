@@ -29,13 +29,14 @@ INGEST = IngestSettings(working_width=WORKING_WIDTH, workers=1)
 CLAHE = ClaheSettings(workers=1)
 
 
-def write_tiny_model(folder: Path, reconstruction: bool = True) -> ModelSettings:
-    """model.pt (resnet18 U-Net, random weights) and model.json, as finetune writes them.
+def write_tiny_model(folder: Path, reconstruction: bool = True, seed: int = 0) -> ModelSettings:
+    """model.pt (resnet18 U-Net, random weights from `seed`) and model.json, as finetune
+    writes them.
 
     The segmentation bias is zeroed (training starts it at a 1% lesion prior), so the
     probabilities spread around 0.5 and thresholded masks are neither empty nor full.
     """
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     settings = ModelSettings(
         encoder="resnet18", classes=LESION_CLASSES, reconstruction_weight=0.1 * reconstruction
     )

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.s3_server import S3Server, _free_ports, _log_tail
+from tests.integration.s3_server import S3Server, _log_tail
+from tests.ports import free_ports
 
 READY_TIMEOUT_S = 90.0
 """~10 s on an idle machine; the shared 2-core machine can be several times slower."""
@@ -91,7 +92,7 @@ def mlflow_server(
     base = tmp_path_factory.mktemp("mlflow-server")
     bucket = f"drseg-mlflow-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=bucket)
-    [port] = _free_ports(1)
+    [port] = free_ports(1)
     env = {
         **os.environ,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",

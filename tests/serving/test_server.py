@@ -9,27 +9,21 @@ The client's preprocessing is compared with what ingest + clahe wrote for traini
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from drseg.config import ExportSettings, IngestSettings, ServeSettings
+from drseg.config import IngestSettings, ServeSettings
 from drseg.data import dataset
 from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
-from drseg.data.synthetic import write_synthetic_dataset
-from drseg.export.onnx_export import CONTRACT_KEY, export_onnx, read_contract
+from drseg.export.onnx_export import CONTRACT_KEY, read_contract
 from drseg.models.normalize import image_to_tensor
 from drseg.serving.client import (
     OVERLAY_FILE,
@@ -41,75 +35,17 @@ from drseg.serving.client import (
     prepare_photograph,
 )
 from drseg.serving.repository import ONNX_FILE, write_repository
-from drseg.serving.server import RunningServer, resolve_model, running_server
-from tests.export import CLAHE, INGEST, clahe_dataset_from, write_metrics, write_tiny_model
-
-VERSION = 3
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _serve_settings() -> ServeSettings:
-    http, grpc, metrics = _free_ports(3)
-    return ServeSettings(http_port=http, grpc_port=grpc, metrics_port=metrics)
-
-
-def _export(work: Path, ingest_settings: IngestSettings) -> Path:
-    """Tiny model -> <work>/model.onnx, registry version VERSION."""
-    write_tiny_model(work / "model")
-    return export_onnx(
-        work / "model",
-        write_metrics(work / "metrics.json"),
-        work / "model.onnx",
-        ExportSettings(),
-        ingest_settings,
-        CLAHE,
-        model_version=VERSION,
-    ).path
-
-
-def _to_repository(onnx_path: Path, repository: Path) -> Path:
-    """Version VERSION of model drseg in `repository`; returns the served model.onnx."""
-    return write_repository(repository, onnx_path, VERSION, ServeSettings()) / "model.onnx"
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported with the test working width (192)."""
-    return _export(tmp_path_factory.mktemp("exported"), INGEST)
-
-
-@dataclass(frozen=True)
-class Served:
-    server: RunningServer
-    onnx_path: Path
-    photos: list[Path]
-
-
-@pytest.fixture(scope="module")
-def served(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    work = tmp_path_factory.mktemp("served")
-    write_synthetic_dataset(work / "source", n=2, seed=5, width=256)
-    onnx_path = _to_repository(exported, work / "repo")
-    with running_server(work / "repo", _serve_settings(), log_file=work / "triton.log") as server:
-        yield Served(server, onnx_path, sorted((work / "source" / "images").iterdir()))
-
-
-def _url(server: RunningServer, protocol: Protocol) -> str:
-    return server.http_url if protocol == "http" else server.grpc_url
-
-
-def _direct(onnx_path: Path, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(["probabilities"], {"image": batch})[0], np.float32)
+from drseg.serving.server import resolve_model, running_server
+from tests.export import CLAHE, clahe_dataset_from
+from tests.serving import (
+    VERSION,
+    Served,
+    direct,
+    export_tiny,
+    serve_settings,
+    to_repository,
+    url,
+)
 
 
 @pytest.mark.integration
@@ -117,7 +53,7 @@ def _direct(onnx_path: Path, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.f
 def test_served_outputs_equal_onnx_runtime(served: Served, protocol: Protocol) -> None:
     batch = np.random.default_rng(2).standard_normal((2, 3, 64, 96)).astype(np.float32)
     module = httpclient if protocol == "http" else grpcclient
-    client = module.InferenceServerClient(_url(served.server, protocol))
+    client = module.InferenceServerClient(url(served.server, protocol))
     try:
         request = module.InferInput("image", list(batch.shape), "FP32")
         request.set_data_from_numpy(batch)
@@ -125,7 +61,7 @@ def test_served_outputs_equal_onnx_runtime(served: Served, protocol: Protocol) -
         served_output = result.as_numpy("probabilities")
     finally:
         client.close()
-    expected = _direct(served.onnx_path, batch)
+    expected = direct(served.onnx_path, batch)
     assert served_output.shape == (2, 4, 64, 96)
     assert expected.std() > 0.01, "a constant output would hide zeroed inputs"
     np.testing.assert_allclose(served_output, expected, atol=1e-6)
@@ -137,13 +73,13 @@ def test_predict_writes_masks_overlay_and_lesion_summary(
     served: Served, protocol: Protocol, tmp_path: Path
 ) -> None:
     out = tmp_path / "predictions"
-    results = predict(served.photos, _url(served.server, protocol), protocol, out, served.onnx_path)
+    results = predict(served.photos, url(served.server, protocol), protocol, out, served.onnx_path)
     contract = read_contract(served.onnx_path)
     assert [r.folder for r in results] == [out / p.stem for p in served.photos]
     for result in results:
         prepared = prepare_photograph(result.photograph, contract)
         height, width = prepared.fov.shape
-        probabilities = _direct(served.onnx_path, prepared.model_input[None])[0]
+        probabilities = direct(served.onnx_path, prepared.model_input[None])[0]
         expected = lesion_masks(probabilities[:, :height, :width], prepared.fov, contract)
         assert expected.any() and not expected.all(), "masks should be neither empty nor full"
         summary = json.loads((result.folder / SUMMARY_FILE).read_text())
@@ -253,7 +189,7 @@ def test_prepare_matches_training_on_a_full_size_idrid_jpeg(
     ingest(source, tmp_path / "ingested", wide)
     clahe_dataset(tmp_path / "ingested", tmp_path / "clahe", CLAHE)
     record_id = dataset.load_manifest(tmp_path / "clahe").records[0].id
-    contract = read_contract(_export(tmp_path, wide))
+    contract = read_contract(export_tiny(tmp_path, wide))
     prepared = prepare_photograph(photo, contract)
     assert prepared.source_size == (4288, 2848)
     assert prepared.model_input.shape == (3, 704, 1024)
@@ -266,8 +202,8 @@ def test_full_size_idrid_photograph_round_trip(idrid_dir: Path, tmp_path: Path) 
     """4288 x 2848 JPEG -> 1024 x 680 working size -> one 1 x 3 x 704 x 1024 request."""
     photo = _idrid_photograph(idrid_dir)
     repository = tmp_path / "repo"
-    onnx_path = _to_repository(_export(tmp_path, IngestSettings(working_width=1024)), repository)
-    with running_server(repository, _serve_settings(), log_file=tmp_path / "log") as server:
+    onnx_path = to_repository(export_tiny(tmp_path, IngestSettings(working_width=1024)), repository)
+    with running_server(repository, serve_settings(), log_file=tmp_path / "log") as server:
         (result,) = predict([photo], server.http_url, "http", tmp_path / "out", onnx_path)
     summary = json.loads((result.folder / SUMMARY_FILE).read_text())
     assert summary["source_size"] == [4288, 2848]

@@ -9,7 +9,6 @@ parameters' gradients after backward.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from lightning_fabric.utilities.distributed import _all_gather_ddp_if_available
 
 from drseg.train.losses import nt_xent
 from drseg.train.pretrain import gathered_views
+from tests.ports import free_ports
 
 WORLD = 2
 N_PER_DEVICE = 3
@@ -50,14 +50,8 @@ def _device(rank: int, port: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_gathered_negatives_give_the_whole_batch_gradient(tmp_path: Path) -> None:
-    mp.spawn(_device, args=(_free_port(), tmp_path), nprocs=WORLD, join=True)
+    mp.spawn(_device, args=(free_ports(1)[0], tmp_path), nprocs=WORLD, join=True)
     encoder, inputs = _views()
     # One device, the whole batch: first views of every device, then their partners.
     z = encoder(inputs)

@@ -90,6 +90,8 @@ def prepare_photograph(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: photograph not found; pass an existing image file")
     data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{path}: empty file (0 bytes); copy the photograph again from its source")
     try:
         header = read_header(data, path.stem, str(path), max_pixels)
         rgb = decode_image(data, header, path.stem, str(path), contract.working_width).rgb
@@ -112,6 +114,12 @@ def lesion_masks(probabilities: Floats, fov: Masks, contract: ServingContract) -
     """(C, H, W) probabilities -> (C, H, W) bool: >= the class threshold, inside the FOV."""
     thresholds = np.array([contract.thresholds[c] for c in contract.classes], np.float64)
     return np.asarray((probabilities >= thresholds[:, None, None]) & fov[None])
+
+
+def served_masks(output: Floats, prepared: PreparedPhotograph, contract: ServingContract) -> Masks:
+    """A batch-of-one response -> (C, H, W) masks at the working size (padding cropped off)."""
+    height, width = prepared.fov.shape
+    return lesion_masks(output[0, :, :height, :width], prepared.fov, contract)
 
 
 def lesion_summary(
@@ -142,7 +150,7 @@ def overlay(rgb: Image, masks: Masks, classes: Sequence[str]) -> Image:
     return np.asarray(picture.round().astype(np.uint8))
 
 
-class _TritonModel:
+class TritonModel:
     """One model version on a Triton server, over HTTP or gRPC (tritonclient)."""
 
     def __init__(
@@ -271,9 +279,13 @@ def predict(
     contract = read_contract(Path(model_file))
     folders = _output_folders(photos, Path(out_dir))
     version = "" if contract.model_version is None else str(contract.model_version)
-    model = _TritonModel(server_url.split("://")[-1], protocol, model_name, version, timeout_s)
+    model = TritonModel(server_url.split("://")[-1], protocol, model_name, version, timeout_s)
     try:
-        _check_served(model.metadata(), contract, Path(model_file))
+        metadata = model.metadata()
+        _check_served(metadata, contract, Path(model_file))
+        # A model exported before registration has no version in its contract; Triton then
+        # answers with the newest version it serves, which is the one to report.
+        served_version = contract.model_version or max(int(v) for v in metadata["versions"])
         results = []
         for photo, folder in zip(photos, folders, strict=True):
             started = time.perf_counter()
@@ -283,8 +295,8 @@ def predict(
                 contract.input_name, prepared.model_input[None], contract.output_name
             )
             infer_seconds = time.perf_counter() - sent
+            masks = served_masks(output, prepared, contract)
             height, width = prepared.fov.shape
-            masks = lesion_masks(output[0, :, :height, :width], prepared.fov, contract)
             classes = lesion_summary(masks, prepared.fov, contract)
             source_w, source_h = prepared.source_size
             summary = {
@@ -294,7 +306,7 @@ def predict(
                 "source_pixels_per_pixel": (source_w * source_h) / (width * height),
                 "model": {
                     "name": model_name,
-                    "version": contract.model_version,
+                    "version": served_version,
                     "encoder": contract.encoder,
                     "dataset_hash": contract.dataset_hash,
                 },

@@ -7,6 +7,9 @@ so ONNX Runtime runs inside the bound Python function, in this process, on the
 repository's model.onnx; the model is exposed under the name, version, inputs, outputs,
 batch size and dynamic batching of the repository's config.pbtxt. On a cluster the same
 repository runs in the Triton image with its ONNX Runtime or TensorRT backend instead.
+A bad request gets an error response naming the problem and the server keeps serving:
+Triton itself refuses a wrong data type, rank, channel count or batch size, pytriton's
+stub an empty tensor, and the bound function what they cannot check (`_check_images`).
 
 Preprocessing stays on the client (drseg.serving.client), which applies the contract stored
 in the ONNX file; the server serves the raw graph. That keeps the served interface the
@@ -34,6 +37,7 @@ from pytriton.triton import Triton, TritonConfig
 from tritonclient.grpc import model_config_pb2
 
 from drseg.config import ServeSettings
+from drseg.export.onnx_export import ServingContract, read_contract
 from drseg.serving.repository import (
     CONFIG_FILE,
     ONNX_FILE,
@@ -93,8 +97,9 @@ def _tensors(entries: Any, source: Path) -> list[Tensor]:
     return tensors
 
 
-def _session(model: ServedModel, threads: int) -> ort.InferenceSession:
-    """ONNX Runtime on the CPU, checked against config.pbtxt's input and output names."""
+def onnx_session(model: ServedModel, threads: int) -> ort.InferenceSession:
+    """ONNX Runtime on the CPU as the local server runs it (`threads`: serve.ort_threads),
+    checked against config.pbtxt's input and output names."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(
@@ -110,11 +115,43 @@ def _session(model: ServedModel, threads: int) -> ort.InferenceSession:
     return session
 
 
-def _infer_function(session: ort.InferenceSession) -> Callable[..., Any]:
+def _check_images(images: npt.NDArray[Any], contract: ServingContract, max_pixels: int) -> None:
+    """Refuse, naming the fix, the images that Triton's own checks let through.
+
+    Triton checks data type, rank, channels and batch size against config.pbtxt before a
+    request reaches the bound function, and pytriton's backend stub refuses an empty tensor
+    ("cannot cast view with zeros in shape"), but height and width are dynamic: sides that
+    are not multiples of the contract's (the decoder would resize feature maps, which
+    training never did) and images too large for memory arrive here. A ValueError becomes
+    this request's error response and the server keeps serving (pytriton's
+    PyTritonUnrecoverableError would shut it down). Dynamic batching merges same-shape
+    requests only, so a refusal never fails another client's good request.
+    """
+    name, multiple = contract.input_name, contract.size_multiple
+    height, width = images.shape[-2:]
+    size = f"an image of {height} x {width} pixels (height x width)"
+    if height * width > max_pixels:
+        raise ValueError(
+            f"input {name!r}: {size} is over serve.max_input_pixels ({max_pixels}); resize "
+            f"the photograph to the model's working width ({contract.working_width}) as "
+            f"drseg predict does, or raise serve.max_input_pixels"
+        )
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"input {name!r}: {size}; height and width must be multiples of {multiple}: pad "
+            f"at the bottom and right by repeating edge pixels as drseg predict does "
+            f"(drseg.export.onnx_export.pad_to_multiple)"
+        )
+
+
+def _infer_function(
+    session: ort.InferenceSession, contract: ServingContract, max_pixels: int
+) -> Callable[..., Any]:
     """Triton's batched request (one array per input) -> one array per output."""
     output_names = [o.name for o in session.get_outputs()]
 
     def infer(**inputs: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
+        _check_images(inputs[contract.input_name], contract, max_pixels)
         results = session.run(output_names, inputs)
         return dict(zip(output_names, results, strict=True))
 
@@ -166,7 +203,8 @@ def running_server(
     log goes there instead of the console.
     """
     model = resolve_model(Path(repository), settings.model_name, version)
-    session = _session(model, settings.ort_threads)
+    session = onnx_session(model, settings.ort_threads)
+    contract = read_contract(model.onnx_path)
     config_path = Path(repository) / model.name / CONFIG_FILE
     batcher = model.config.dynamic_batching
     _prefer_interpreter_libpython()
@@ -185,7 +223,10 @@ def running_server(
     try:
         triton.bind(
             model_name=model.name,
-            infer_func=[_infer_function(session) for _ in range(_instances(model.config))],
+            infer_func=[
+                _infer_function(session, contract, settings.max_input_pixels)
+                for _ in range(_instances(model.config))
+            ],
             inputs=_tensors(model.config.input, config_path),
             outputs=_tensors(model.config.output, config_path),
             model_version=model.version,

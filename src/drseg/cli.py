@@ -165,10 +165,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _predict(args: argparse.Namespace, settings: Settings) -> None:
+    from tritonclient.utils import InferenceServerException
+
     from drseg.serving.client import predict
     from drseg.serving.server import resolve_model
-
-    from tritonclient.utils import InferenceServerException
 
     serve = settings.serve
     port = serve.grpc_port if args.protocol == "grpc" else serve.http_port

@@ -200,20 +200,78 @@ def run_pipeline(
                 "outputs": task_outputs(run / "kfp", name),
             }
         )
+    outputs = {step["name"]: step["outputs"] for step in steps}
+    engine = outputs.get("tensorrt", {}).get("engine", {}).get("metadata", {})
+    if engine:
+        summary["served"] = {"format": engine["served_format"], "reason": engine["reason"]}
+    repository = outputs.get("triton-repository", {}).get("repository", {}).get("path")
+    if not error and repository and engine["served_format"] == "onnx":
+        # The pipeline ends at the model repository; here it is also served and queried.
+        print(f"  {'serve':<12} running ...")
+        started = time.monotonic()
+        dataset_dir = Path(outputs["ingest"]["dataset"]["path"])
+        try:
+            served = serve_and_predict(settings, Path(repository), dataset_dir, run)
+        except Exception as exc:
+            error, served = f"serve: {exc}", {}
+        status, seconds = "failed" if error else "success", time.monotonic() - started
+        print(f"  {'serve':<12} {status} in {seconds:.1f} s")
+        steps.append(
+            {"name": "serve", "status": status, "seconds": round(seconds, 1), "outputs": served}
+        )
+        summary["served"] |= served
     summary["status"] = "failed" if error else "succeeded"
     if error:
         summary["error"] = error
-    outputs = {step["name"]: step["outputs"] for step in steps}
     verdict = outputs.get("gate", {}).get("verdict", {}).get("metadata", {})
     if not error and verdict.get("passed") is False:
         summary["status"] = "gated"
         summary["reason"] = f"evaluation gate {verdict['summary']}; nothing was registered"
-    engine = outputs.get("tensorrt", {}).get("engine", {}).get("metadata", {})
-    if engine:
-        summary["served"] = {"format": engine["served_format"], "reason": engine["reason"]}
     summary["log"] = str(run / "pipeline.log")
     atomic.write_text(run / paths.SUMMARY, json.dumps(summary, indent=2) + "\n")
     return run
+
+
+DEMO_PHOTOGRAPHS = 3
+"""Validation photographs `drseg run` sends through the served model at the end."""
+
+
+def serve_and_predict(
+    settings: Settings, repository: Path, dataset_dir: Path, run: Path
+) -> dict[str, Any]:
+    """Serve the repository's newest version on a local Triton, predict a few validation
+    photographs of the run's source over HTTP as `drseg predict` does, and stop the server.
+
+    Returns what the summary reports: the served version, where the predictions are, and
+    the median round trip of one photograph (request, inference, response).
+    """
+    from drseg.data.dataset import load_manifest
+    from drseg.serving.client import predict
+    from drseg.serving.server import running_server
+
+    records = [r for r in load_manifest(dataset_dir).records if r.split == "val"]
+    photos = [Path(r.source) for r in records[:DEMO_PHOTOGRAPHS] if Path(r.source).is_file()]
+    if not photos:
+        return {"predicted": 0, "note": "the source is not a local folder: nothing predicted"}
+    out = run / "predictions"
+    with running_server(repository, settings.serve, log_file=run / "triton.log") as server:
+        results = predict(
+            photos,
+            server.http_url,
+            "http",
+            out,
+            server.model.onnx_path,
+            settings.serve.model_name,
+        )
+        version = server.model.version
+    seconds = sorted(r.infer_seconds for r in results)
+    return {
+        "version": version,
+        "predicted": len(results),
+        "predictions": str(out),
+        "latency_ms_median": round(1000 * seconds[len(seconds) // 2], 1),
+        "latency": "one photograph over HTTP to the local Triton and back (CPU)",
+    }
 
 
 def format_metrics(scalars: dict[str, float]) -> str:
@@ -263,9 +321,14 @@ def format_run_summary(summary: dict[str, Any], run: Path) -> str:
     if register and "Output" in register["outputs"]:
         lines += ["", f"registered version {register['outputs']['Output']} as @challenger"]
     if "served" in summary:
-        lines.append(
-            f"served format: {summary['served']['format']} ({summary['served']['reason']})"
-        )
+        served = summary["served"]
+        lines.append(f"served format: {served['format']} ({served['reason']})")
+        if served.get("predicted"):
+            lines.append(
+                f"served version {served['version']} on a local Triton: {served['predicted']} "
+                f"photographs predicted, median latency {served['latency_ms_median']} ms "
+                f"-> {served['predictions']}"
+            )
     lines.append("")
     for step in summary["steps"]:
         for name, value in step["outputs"].items():

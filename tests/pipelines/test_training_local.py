@@ -8,12 +8,17 @@ import pytest
 from drseg.config import Settings, load_settings
 from drseg.data import dataset
 from drseg.run import RunError, format_run_summary, pipeline_arguments, run_pipeline
+from tests.ports import free_ports
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
+    http, grpc, metrics = free_ports(3)
     return load_settings(
         environ={
+            "DRSEG_SERVE__HTTP_PORT": str(http),
+            "DRSEG_SERVE__GRPC_PORT": str(grpc),
+            "DRSEG_SERVE__METRICS_PORT": str(metrics),
             "DRSEG_HOME": str(tmp_path / "home"),
             "DRSEG_SYNTH__N": "4",
             "DRSEG_SYNTH__POOL_N": "3",
@@ -69,6 +74,7 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
             "register",
             "tensorrt",
             "triton-repository",
+            "serve",
         )
     }
     order = [s["name"] for s in summary["steps"]]
@@ -123,6 +129,14 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     registered = client.get_model_version_by_alias("drseg-lesions", "challenger")
     assert str(registered.version) == "1"
     assert children["finetune"].data.tags["drseg.dataset_hash"] == enhanced.dataset_hash
+    # The registered version was served on a local Triton and a val photograph predicted.
+    served = summary["served"]
+    assert served["version"] == 1 and served["latency_ms_median"] > 0
+    predicted = sorted(Path(served["predictions"]).iterdir())
+    assert served["predicted"] == len(predicted) == ingest["dataset"]["metadata"]["val"]
+    lesions = json.loads((predicted[0] / "lesions.json").read_text())
+    assert lesions["model"]["version"] == 1
+    assert {"overlay.png", "mask_MA.png", "mask_SE.png"} <= {p.name for p in predicted[0].iterdir()}
     printed = capsys.readouterr().out
     assert "ingest       success" in printed and "Executor" not in printed
     table = format_run_summary(summary, run)

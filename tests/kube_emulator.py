@@ -234,8 +234,8 @@ class Clock:
 class Controller:
     """Plays what kmock does not: on each reconcile() a Deployment whose spec changed gets
     generation + 1 (the API server's job), then observedGeneration = generation and
-    readyReplicas = spec.replicas, or 0 for the names in `failing` (the Deployment
-    controller's job, with pods that never pass their readiness probe)."""
+    readyReplicas = updatedReplicas = spec.replicas, or 0 for the names in `failing` (the
+    Deployment controller's job, with pods that never pass their readiness probe)."""
 
     def __init__(self, cluster: Emulator, failing: tuple[str, ...] = ()) -> None:
         self.cluster, self.failing = cluster, failing
@@ -255,6 +255,10 @@ class Controller:
                 name,
                 {
                     "metadata": {"generation": generation},
-                    "status": {"observedGeneration": generation, "readyReplicas": ready},
+                    "status": {
+                        "observedGeneration": generation,
+                        "readyReplicas": ready,
+                        "updatedReplicas": ready,
+                    },
                 },
             )

@@ -241,6 +241,26 @@ def test_dry_run_prints_diff_and_changes_nothing(kube: Emulator) -> None:
     assert "-  replicas: 2\n+  replicas: 0" in text
 
 
+def test_promote_keeps_the_canary_until_stable_is_ready(kube: Emulator) -> None:
+    """Stable's new pods never get ready: the canary keeps serving, nothing is recorded as
+    promoted and @champion does not move; once stable is healthy, promote completes."""
+    assert run_start(kube).status == "ready"
+    moved: list[str] = []
+    broken = Clock(Controller(kube, failing=("triton",)))
+    with pytest.raises(RolloutError, match="stable's update to version 7 is not ready"):
+        rollout.promote(
+            kube.kube(), settings(), lambda v, r: moved.append(v), clock=broken, sleep=broken.sleep
+        )
+    assert kube.deployment("triton-canary")["spec"]["replicas"] == 2
+    assert state(kube)["status"] == "ready" and not moved
+    healthy = Clock(Controller(kube))
+    rollout.promote(
+        kube.kube(), settings(), lambda v, r: moved.append(v), clock=healthy, sleep=healthy.sleep
+    )
+    assert kube.deployment("triton-canary")["spec"]["replicas"] == 0
+    assert state(kube)["status"] == "promoted" and moved == ["7"]
+
+
 def test_abort_is_idempotent_and_refuses_after_promote(kube: Emulator) -> None:
     assert rollout.abort(kube.kube(), settings()) is None  # no canary: nothing to do
     run_start(kube)
@@ -435,7 +455,7 @@ def test_cli_exit_status_tells_an_abort_from_an_error(
     monkeypatch.setenv("DRSEG_ROLLOUT__POLL_S", "0.05")
     code, _, err = exit_status(["rollout", "start", "--version", "7"], capsys)
     assert code == 1
-    assert "aborted: canary of version 7 aborted at step 0: canary not ready" in err
+    assert "aborted: canary of version 7 aborted at step 0: triton-canary not ready" in err
     assert state(kubeconfig)["status"] == "aborted"
 
 

@@ -497,23 +497,31 @@ def _route(cluster: Cluster, settings: RolloutSettings, apply: _Apply, percent: 
 
 
 def _wait_ready(
-    cluster: Cluster, settings: RolloutSettings, replicas: int, clock: Clock, sleep: Sleep
+    cluster: Cluster,
+    settings: RolloutSettings,
+    name: str,
+    replicas: int,
+    clock: Clock,
+    sleep: Sleep,
 ) -> str | None:
-    """None once `replicas` canary pods are ready, else why not by the timeout."""
+    """None once Deployment `name` runs its latest spec on `replicas` ready pods (as
+    `kubectl rollout status` reads it), else why not by the timeout."""
     deadline = clock() + settings.ready_timeout_s
     while True:
-        current = _require(cluster, settings.canary)
+        current = _require(cluster, name)
         status = current.get("status") or {}
         ready = status.get("readyReplicas") or 0
+        updated = status.get("updatedReplicas") or 0
         generation = current["metadata"].get("generation")
         observed = status.get("observedGeneration")
         fresh = generation is None or (observed is not None and observed >= generation)
-        if fresh and ready >= replicas:
+        if fresh and ready >= replicas and updated >= replicas:
             return None
         if clock() >= deadline:
+            track = current["metadata"].get("labels", {}).get(TRACK_LABEL, name)
             return (
-                f"canary not ready: {ready}/{replicas} replicas ready after "
-                f"{settings.ready_timeout_s:g}s; see `kubectl describe pods -l track=canary`"
+                f"{name} not ready: {ready}/{replicas} replicas ready ({updated} updated) after "
+                f"{settings.ready_timeout_s:g}s; see `kubectl describe pods -l track={track}`"
             )
         sleep(settings.poll_s)
 
@@ -618,7 +626,7 @@ def start(
         if dry_run:
             _route(cluster, settings, apply, canary_percent(settings, step))
             return state
-        reason = _wait_ready(cluster, settings, replicas, clock, sleep)
+        reason = _wait_ready(cluster, settings, settings.canary, replicas, clock, sleep)
         if reason is None:
             _route(cluster, settings, apply, canary_percent(settings, step))
             sleep(settings.soak_s)
@@ -652,12 +660,17 @@ def promote(
     *,
     dry_run: bool = False,
     out: TextIO | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
 ) -> State:
-    """Stable takes the canary's version, all traffic goes back to stable, the canary goes to
-    0, then MLflow @champion moves (the old champion becomes @previous).
+    """Stable takes the canary's version, all traffic goes back to stable once its rolling
+    update is ready, the canary goes to 0, then MLflow @champion moves (the old champion
+    becomes @previous).
 
-    The canary is scaled to 0, not deleted: the Role grants no delete. Re-running after a
-    crash repeats only what is missing (registry.promote is idempotent).
+    Until stable's new pods are ready the canary keeps serving, so capacity never dips; if
+    they never are, promote stops with the reason and can be re-run. The canary is scaled
+    to 0, not deleted: the Role grants no delete. Re-running after a crash repeats only what
+    is missing (the patches and registry.promote are idempotent).
     """
     canary = cluster.get_deployment(settings.canary)
     state = read_state(canary, settings)
@@ -675,6 +688,17 @@ def promote(
         }
         apply = _Apply(cluster, dry_run, out)
         apply.patch(stable, patch)
+        if not dry_run:
+            # One poll first: the Deployment controller must see the new template before
+            # its status says anything about it.
+            sleep(settings.poll_s)
+            replicas = _require(cluster, settings.stable)["spec"].get("replicas", 1)
+            reason = _wait_ready(cluster, settings, settings.stable, replicas, clock, sleep)
+            if reason:
+                raise RolloutError(
+                    f"stable's update to version {state.version} is not ready: {reason}. The "
+                    "canary keeps serving; fix the cause and re-run `drseg rollout promote`"
+                )
         _route(cluster, settings, apply, 0)
         new = State(state.version, state.step, "promoted")
         apply.patch(canary, {**_scale_patch(0), **_state_patch(new, settings)})

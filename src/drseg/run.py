@@ -28,6 +28,8 @@ from drseg.data.synthetic import write_synthetic_dataset
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '([\w-]+)'")
 _TASK_END = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
+_PROGRESS = re.compile(r"step \d+/\d+: .*")
+"""A training stage's progress line (drseg.train.finetune.PROGRESS_LINES)."""
 
 
 @dataclass
@@ -43,6 +45,7 @@ class _TaskLog(io.TextIOBase):
     started: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     _pending: str = ""
+    _running: str = ""
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -57,8 +60,11 @@ class _TaskLog(io.TextIOBase):
     def _parse(self, line: str) -> None:
         if match := _TASK_START.search(line):
             self.started[match[1]] = time.monotonic()
+            self._running = self.display.get(match[1], match[1])
             if not self.verbose:
-                self.terminal.write(f"  {self.display.get(match[1], match[1]):<12} running ...\n")
+                self.terminal.write(f"  {self._running:<12} running ...\n")
+        elif (match := _PROGRESS.search(line)) and not self.verbose:
+            self.terminal.write(f"  {self._running:<12} {match[0]}\n")
         elif match := _TASK_END.search(line):
             name, status = match[1], match[2].lower()
             self.statuses[name] = status

@@ -1,5 +1,6 @@
 """The training pipeline end to end through kfp.local, as `drseg run` runs it."""
 
+import io
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 
 from drseg.config import Settings, load_settings
 from drseg.data import dataset
-from drseg.run import RunError, format_run_summary, pipeline_arguments, run_pipeline
+from drseg.run import RunError, _TaskLog, format_run_summary, pipeline_arguments, run_pipeline
 from tests.ports import free_ports
 
 
@@ -192,3 +193,24 @@ def test_a_source_without_a_pool_needs_pretraining_off(settings: Settings) -> No
     with_pool = pipeline_arguments(settings, "/data/idrid", "/data/pool")
     pool_ingest = json.loads(with_pool["pool_ingest_config"])
     assert (pool_ingest["layout"], pool_ingest["val_fraction"]) == ("unlabelled", 0.0)
+
+
+def test_the_terminal_gets_task_lines_and_training_progress() -> None:
+    """Everything goes to the log file; the terminal gets a line per task start and end and
+    the training stages' progress lines, under the task's display name."""
+    log, terminal = io.StringIO(), io.StringIO()
+    tee = _TaskLog(log, terminal, verbose=False, display={"ingest-2": "pool-ingest"})
+    stream = (
+        "08:33:25 - INFO - Executing task \x1b[96m'ingest-2'\x1b[0m\n"
+        "noise from the component\n"
+        "INFO step 40/400: loss 0.8123, 1.50 s/step, about 540 s left\n"
+        "08:33:27 - INFO - Task \x1b[96m'ingest-2'\x1b[0m finished with status "
+        "\x1b[92mSUCCESS\x1b[0m\n"
+    )
+    for part in (stream[:50], stream[50:]):  # lines may arrive in pieces
+        tee.write(part)
+    lines = terminal.getvalue().splitlines()
+    assert lines[0] == "  pool-ingest  running ..."
+    assert lines[1] == "  pool-ingest  step 40/400: loss 0.8123, 1.50 s/step, about 540 s left"
+    assert lines[2].startswith("  pool-ingest  success in ")
+    assert log.getvalue() == stream

@@ -53,6 +53,7 @@ SETTINGS = PretrainSettings(
     warmup_steps=3,
     checkpoint_every=8,
     num_workers=0,
+    include_labelled=True,
 )
 FIRST_STEPS = 8
 
@@ -158,6 +159,10 @@ def test_resumes_from_the_checkpoint_of_a_shorter_run(run: Run) -> None:
     assert run.first.steps == FIRST_STEPS
     assert [s for s, v in run.first_metrics if "loss" in v] == list(range(1, FIRST_STEPS + 1))
     assert f"resuming from step {FIRST_STEPS}" in " ".join(run.messages)
+    # Progress lines, for logs that are not a terminal (drseg.train.finetune.PROGRESS_LINES).
+    assert any(
+        m.startswith(f"step {SETTINGS.max_steps}/{SETTINGS.max_steps}: loss") for m in run.messages
+    )
     loss_steps = [step for step, values in run.metrics if "loss" in values]
     assert loss_steps == list(range(FIRST_STEPS + 1, SETTINGS.max_steps + 1))
     assert run.result.steps == 16

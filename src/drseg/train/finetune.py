@@ -54,6 +54,9 @@ MetricsLogger = Callable[[dict[str, float], int], None]
 
 LOG_EVERY = 10
 """Steps between calls of `log_metrics` (the first and the last step are always logged)."""
+PROGRESS_LINES = 10
+"""Progress lines ("step N/M: ...") a training run prints: logs that are not a terminal
+(kubectl logs, `drseg run`) get no progress bar."""
 POLY_POWER = 0.9
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -132,12 +135,17 @@ class StepLoggedModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.steps_run += 1
         step = self.global_step
-        if self._loss is None or not (
-            step % LOG_EVERY == 0 or self.steps_run == 1 or step == self.max_steps
-        ):
+        if self._loss is None:
             return
-        if self.log_metrics is not None and self.trainer.is_global_zero:
+        logged = step % LOG_EVERY == 0 or self.steps_run == 1 or step == self.max_steps
+        if logged and self.log_metrics is not None and self.trainer.is_global_zero:
             self.log_metrics({**self._figures(), "lr": self._lr}, step)
+        if step % max(1, self.max_steps // PROGRESS_LINES) == 0 or step == self.max_steps:
+            per_step = (time.perf_counter() - self._started) / self.steps_run
+            pl.utilities.rank_zero_info(
+                f"step {step}/{self.max_steps}: loss {float(self._loss.detach()):.4f}, "
+                f"{per_step:.2f} s/step, about {per_step * (self.max_steps - step):.0f} s left"
+            )
 
     def on_train_end(self) -> None:
         self.seconds = time.perf_counter() - self._started

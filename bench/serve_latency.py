@@ -40,18 +40,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*: the tests' tiny model
 
-from tests.export import write_metrics, write_tiny_model
-from tests.serving import serve_settings
+from tests.serving import export_tiny, serve_settings
 
 from drseg.config import (
-    ClaheSettings,
-    ExportSettings,
     IngestSettings,
     ModelSettings,
     ServeSettings,
 )
 from drseg.data.synthetic import write_synthetic_dataset
-from drseg.export.onnx_export import ServingContract, export_onnx, read_contract
+from drseg.export.onnx_export import ServingContract, read_contract
 from drseg.models.unet import build_model
 from drseg.serving.client import Floats, TritonModel, prepare_photograph
 from drseg.serving.repository import write_repository
@@ -62,19 +59,6 @@ Seconds = npt.NDArray[np.float64]
 MAX_SERVED_DIFF = 1e-5
 """Served and direct ONNX Runtime outputs must agree: pytriton's stub under the wrong numpy
 receives all-zero inputs without any error (STACK.md), which would time the wrong thing."""
-
-
-def untrained_onnx(work: Path, width: int) -> Path:
-    """The serving tests' resnet18 U-Net (random weights), exported at working width `width`."""
-    write_tiny_model(work / "model")
-    return export_onnx(
-        work / "model",
-        write_metrics(work / "metrics.json"),
-        work / "model.onnx",
-        ExportSettings(),
-        IngestSettings(working_width=width),
-        ClaheSettings(),
-    ).path
 
 
 def photograph_input(work: Path, contract: ServingContract) -> Floats:
@@ -157,7 +141,8 @@ class Run:
 
 def run(args: argparse.Namespace, work: Path) -> Run:
     """Export (unless --onnx), serve, and time every path at every batch size."""
-    onnx_path = args.onnx or untrained_onnx(work, args.width)
+    # The serving tests' resnet18 U-Net (random weights) at working width args.width.
+    onnx_path = args.onnx or export_tiny(work, IngestSettings(working_width=args.width))
     contract = read_contract(onnx_path)
     batch_one = photograph_input(work, contract)[None]
     version = contract.model_version or 1

@@ -98,6 +98,6 @@ def test_build_engine_falls_back_to_onnx_here(tmp_path: Path) -> None:
     assert reason is not None
     result = build_engine(tmp_path / "model.onnx", tmp_path / "engine", ExportSettings())
     assert result.served_format == "onnx"
-    assert result.reason == f"served format: onnx; no TensorRT engine built: {reason}"
+    assert result.reason == f"no TensorRT engine built: {reason}"
     assert (result.plan, result.metadata) == (None, None)
     assert not (tmp_path / "engine").exists()

@@ -139,7 +139,7 @@ def build_engine(onnx_path: Path, out_dir: Path, settings: ExportSettings) -> En
     profile = optimization_profile(settings)
     reason = engine_unavailable_reason()
     if reason is not None:
-        return EngineResult("onnx", f"served format: onnx; no TensorRT engine built: {reason}")
+        return EngineResult("onnx", f"no TensorRT engine built: {reason}")
     return _build(Path(onnx_path), Path(out_dir), profile, settings)
 
 

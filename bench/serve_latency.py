@@ -47,8 +47,8 @@ from drseg.config import (
     ModelSettings,
     ServeSettings,
 )
+from drseg.contract import ServingContract, read_contract
 from drseg.data.synthetic import write_synthetic_dataset
-from drseg.export.onnx_export import ServingContract, read_contract
 from drseg.models.unet import build_model
 from drseg.serving.client import Floats, TritonModel, prepare_photograph
 from drseg.serving.repository import write_repository

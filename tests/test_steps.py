@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from drseg.artifacts import ENCODER_FILE
 from drseg.config import ModelSettings, PretrainSettings, TrackingSettings
-from drseg.steps import ENCODER_FILE, pretrain_step, pretrained_encoder
+from drseg.steps import pretrain_step, pretrained_encoder
 
 
 def test_pretraining_off_hands_random_init_to_finetune(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
+from drseg.artifacts import ONNX_FILE
 from drseg.gate import ChampionMetrics, GateVerdict, verdict_markdown, verdict_summary
 from drseg.tracking import TAG_DATASET_HASH, TAG_GIT_COMMIT, TAG_PIPELINE_RUN_ID
 
@@ -54,7 +55,6 @@ TAG_METRICS = "drseg.metrics"
 TAG_GATE = "drseg.gate"
 """One-line gate verdict."""
 EVENT_TAG_PREFIX = "drseg.alias_event."
-ONNX_FILE = "model.onnx"
 """Where mlflow.onnx puts the graph inside the logged model."""
 CHECKPOINT_DIR = "checkpoint"
 EVALUATION_DIR = "evaluation"

@@ -40,7 +40,7 @@ import yaml
 from drseg.config import RolloutSettings, Settings
 
 if TYPE_CHECKING:
-    from drseg.export.onnx_export import ServingContract
+    from drseg.contract import ServingContract
     from drseg.serving.agreement import ContractFn
 
 REPOSITORY_ENV = "MODEL_REPOSITORY_S3_URI"
@@ -743,7 +743,7 @@ def _registry_contracts(settings: Settings) -> ContractFn:
     """A served version's serving contract, from its model.onnx in the MLflow registry (the
     repository may hold only a TensorRT plan); one download per version and command."""
     from drseg import registry
-    from drseg.export.onnx_export import read_contract
+    from drseg.contract import read_contract
     from drseg.tracking import tracking_uri
 
     uri = tracking_uri(settings.tracking, settings.home)

@@ -1,9 +1,7 @@
 """The training and evaluation steps as the pipeline runs them: library call + tracking +
 the files of the output artifact. KFP components and `drseg <verb>` both call these.
 
-A model folder (the fine-tune output) holds ``model.pt`` (state dict of the
-MultiTaskUNet), ``model.json`` (model and training settings, dataset hash, steps) and
-``checkpoints/`` (Lightning checkpoints, for resuming).
+What the output folders hold, and the model card, are in drseg.artifacts.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drseg import atomic
+from drseg.artifacts import ENCODER_FILE, MODEL_CARD, ONNX_FILE, SKIPPED, WEIGHTS_FILE, ModelCard
 from drseg.config import (
     ClaheSettings,
     EvaluateSettings,
@@ -27,51 +26,6 @@ from drseg.config import (
     ServeSettings,
     TrackingSettings,
 )
-
-MODEL_CARD = "model.json"
-ONNX_FILE = "model.onnx"
-ENCODER_FILE = "encoder.pt"
-SKIPPED = "skipped"
-"""Marker file of a pretrain output folder when pretraining is off (pretrain.enabled false)."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    model: ModelSettings
-    finetune: FinetuneSettings
-    dataset_hash: str
-    steps: int
-    encoder_init: str = "random"
-    """"random", or the sha256 of the encoder weights file fine-tuning started from."""
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "model": json.loads(self.model.model_dump_json()),
-                "finetune": json.loads(self.finetune.model_dump_json()),
-                "dataset_hash": self.dataset_hash,
-                "steps": self.steps,
-                "encoder_init": self.encoder_init,
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def read(cls, model_dir: Path) -> ModelCard:
-        path = Path(model_dir) / MODEL_CARD
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{model_dir}: not a drseg model folder (no {MODEL_CARD}); "
-                "create one with `drseg finetune`"
-            )
-        data = json.loads(path.read_text())
-        return cls(
-            ModelSettings.model_validate(data["model"]),
-            FinetuneSettings.model_validate(data["finetune"]),
-            data["dataset_hash"],
-            data["steps"],
-            data.get("encoder_init", "random"),
-        )
 
 
 class _TrainingResult(Protocol):
@@ -227,7 +181,7 @@ def evaluate_step(
 
     card = ModelCard.read(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    network = load_trained_model(Path(model_dir) / "model.pt", card.model, device)
+    network = load_trained_model(Path(model_dir) / WEIGHTS_FILE, card.model, device)
 
     def logits(batch: torch.Tensor) -> torch.Tensor:
         return network(batch)[0]
@@ -372,7 +326,7 @@ def register_step(
             tracking_uri(tracking, home),
             registry.model_name,
             Path(onnx_dir) / ONNX_FILE,
-            Path(model_dir) / "model.pt",
+            Path(model_dir) / WEIGHTS_FILE,
             run_id=run.run_id,
             dataset_hash=card.dataset_hash,
             metrics=metrics,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from drseg.artifacts import ModelCard
 from drseg.config import (
     LESION_CLASSES,
     ClaheSettings,
@@ -21,7 +22,6 @@ from drseg.config import (
 from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
 from drseg.models.unet import build_model
-from drseg.steps import ModelCard
 
 THRESHOLDS = {"MA": 0.3, "HE": 0.4, "EX": 0.5, "SE": 0.6}
 WORKING_WIDTH = 192

@@ -13,20 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from drseg.artifacts import ModelCard
 from drseg.config import LESION_CLASSES, ClaheSettings, ExportSettings, IngestSettings
+from drseg.contract import CONTRACT_KEY, ServingContract, pad_to_multiple, read_contract
 from drseg.data import dataset
-from drseg.export.onnx_export import (
-    CONTRACT_KEY,
-    ExportResult,
-    ParityError,
-    ServingContract,
-    export_onnx,
-    export_summary,
-    pad_to_multiple,
-    read_contract,
-)
+from drseg.export.onnx_export import ExportResult, ParityError, export_onnx, export_summary
 from drseg.models.normalize import IMAGE_MEAN, IMAGE_STD
-from drseg.steps import ModelCard
 from drseg.train.finetune import load_trained_model
 from tests.export import (
     CLAHE,

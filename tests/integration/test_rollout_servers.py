@@ -24,8 +24,9 @@ import pytest
 from drseg import registry, rollout
 from drseg.cli import main
 from drseg.config import ExportSettings, RolloutSettings, ServeSettings, TrackingSettings
+from drseg.contract import ServingContract, read_contract
 from drseg.data.synthetic import write_synthetic_dataset
-from drseg.export.onnx_export import ServingContract, export_onnx, read_contract
+from drseg.export.onnx_export import export_onnx
 from drseg.rollout import RolloutAborted, TrackMetrics
 from drseg.serving.agreement import mask_agreement, probe_photographs
 from drseg.serving.client import Masks, prepare_photograph, served_masks

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
 from drseg.config import ExportSettings, ServeSettings
-from drseg.export.onnx_export import export_onnx, read_contract
+from drseg.contract import read_contract
+from drseg.export.onnx_export import export_onnx
 from drseg.serving.repository import (
     TensorSignature,
     graph_signature,

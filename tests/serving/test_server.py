@@ -20,10 +20,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from drseg.config import IngestSettings, ServeSettings
+from drseg.contract import CONTRACT_KEY, read_contract
 from drseg.data import dataset
 from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
-from drseg.export.onnx_export import CONTRACT_KEY, read_contract
 from drseg.models.normalize import image_to_tensor
 from drseg.serving.client import (
     OVERLAY_FILE,

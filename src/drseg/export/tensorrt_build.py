@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from drseg import atomic
 from drseg.config import ExportSettings, Shape, check_order, check_shape
-from drseg.export.onnx_export import INPUT_NAME
+from drseg.contract import INPUT_NAME
 
 PLAN_FILE = "model.plan"
 PLAN_METADATA_FILE = "model.plan.json"

@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from drseg.contract import ServingContract
 from drseg.data.validation import IMAGE_SUFFIXES
 from drseg.evaluate.metrics import dice_iou
-from drseg.export.onnx_export import ServingContract
 from drseg.serving.client import Masks, TritonModel, prepare_photograph, served_masks
 
 ContractFn = Callable[[str], ServingContract]

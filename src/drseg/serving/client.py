@@ -42,10 +42,10 @@ import numpy.typing as npt
 
 from drseg import atomic
 from drseg.config import IngestSettings
+from drseg.contract import ServingContract, pad_to_multiple, read_contract
 from drseg.data import dataset
 from drseg.data.validation import Rejected, decode_image, read_header
 from drseg.evaluate.plots import CLASS_COLOURS, OTHER_COLOUR
-from drseg.export.onnx_export import ServingContract, pad_to_multiple, read_contract
 from drseg.preprocess import clahe, fov_mask, resize_image, working_size
 
 Protocol = Literal["http", "grpc"]

@@ -23,10 +23,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from drseg import atomic
+from drseg.artifacts import ONNX_FILE
 from drseg.config import ServeSettings
 
 CONFIG_FILE = "config.pbtxt"
-ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 ONNX_PLATFORM = "onnxruntime_onnx"
 PLAN_PLATFORM = "tensorrt_plan"

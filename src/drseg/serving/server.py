@@ -37,7 +37,7 @@ from pytriton.triton import Triton, TritonConfig
 from tritonclient.grpc import model_config_pb2
 
 from drseg.config import ServeSettings
-from drseg.export.onnx_export import ServingContract, read_contract
+from drseg.contract import ServingContract, read_contract
 from drseg.serving.repository import (
     CONFIG_FILE,
     ONNX_FILE,

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from drseg import atomic
+from drseg.artifacts import WEIGHTS_FILE
 from drseg.config import FinetuneSettings, ModelSettings, TrainingRunSettings
 from drseg.models.unet import (
     MultiTaskUNet,
@@ -328,7 +329,7 @@ def finetune(
         network, load_train_split(dataset_dir, model.classes), model, settings, log_metrics
     )
     trainer = fit_resumable(module, out_dir, settings)
-    weights = out_dir / "model.pt"
+    weights = out_dir / WEIGHTS_FILE
     if trainer.is_global_zero:
         buffer = io.BytesIO()
         torch.save(network.state_dict(), buffer)

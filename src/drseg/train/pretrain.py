@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from drseg.artifacts import ENCODER_FILE
 from drseg.config import ModelSettings, PretrainSettings
 from drseg.data import dataset
 from drseg.models.unet import build_model, save_encoder
-from drseg.steps import ENCODER_FILE
 from drseg.train.finetune import (
     MetricsLogger,
     StepLoggedModule,

@@ -37,15 +37,19 @@ class _TrainingResult(Protocol):
     def seconds(self) -> float: ...
     @property
     def images_per_second(self) -> float: ...
+    @property
+    def precision(self) -> str: ...
 
 
 def _training_figures(result: _TrainingResult) -> dict[str, Any]:
-    """What a training stage reports: steps reached, last loss, wall time, throughput."""
+    """What a training stage reports: steps reached, last loss, wall time, throughput, and
+    the arithmetic it ran in (bf16 where the device has the units for it)."""
     return {
         "steps": result.steps,
         "final_loss": result.final_loss,
         "seconds": result.seconds,
         "images_per_second": result.images_per_second,
+        "precision": result.precision,
     }
 
 

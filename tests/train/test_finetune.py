@@ -1,9 +1,11 @@
 """Fine-tune stage on the six 256-px synthetic photographs (CLAHE applied, as in the pipeline).
 
-One training run serves every test here, to fit the time budget: it starts in a fresh
+Two training runs serve every test here, to fit the time budget. One starts in a fresh
 interpreter where MLflow and kfp cannot be imported (as on a bare trainer image), is killed
 with SIGKILL once its step-24 checkpoint is written, and is resumed in this process (MLflow
-and kfp blocked again) to the 36 steps of SETTINGS.
+and kfp blocked again) to the 36 steps of SETTINGS. The other runs the 36 steps without
+interruption: resuming is exact, so both must end with the same weights, whenever the kill
+lands after that checkpoint.
 """
 
 import json
@@ -26,6 +28,7 @@ from drseg.models.unet import build_model
 from drseg.train import finetune as finetune_module
 from drseg.train.finetune import (
     FinetuneResult,
+    cpu_has_bf16_units,
     finetune,
     learning_rate_factor,
     load_trained_model,
@@ -47,12 +50,16 @@ SETTINGS = FinetuneSettings(
     class_weights=(0.1, 0.1, 1.0, 0.1),
     checkpoint_every=12,
     num_workers=0,
+    precision="32-true",  # the same arithmetic on every host, whatever its CPU offers
 )
 KILL_AFTER_CHECKPOINTS = 2
 EX_DICE = 0.25
 """Stated Dice for exudates on the training photographs after SETTINGS (36 steps of batch 8,
-~20 s on two idle cores). Measured uninterrupted: 0.42, 0.45, 0.39 for seeds 0, 1, 2; killed
-at step 24 and resumed as here: 0.37."""
+~20 s on two idle cores); see test_reaches_the_stated_exudate_dice for the measured spread."""
+RESUME_TOLERANCE = 1e-5
+"""Largest difference allowed between a weight of the resumed run and of the uninterrupted
+one. Both run the same arithmetic on the same patches; only the order of floating-point
+sums may differ between two processes (measured: 0, bit for bit, on this machine)."""
 
 Metrics = list[tuple[int, dict[str, float]]]
 
@@ -111,11 +118,11 @@ def _run_until_killed(dataset_dir: Path, out: Path) -> tuple[int, Metrics]:
     with (out.parent / f"{out.name}.log").open("w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=log)
         seen: set[int] = set()
-        deadline = time.monotonic() + 180
         try:
+            # No deadline of its own: on a loaded machine training is slow, not wrong (the
+            # suite's timeout bounds a hang).
             while len(seen) < KILL_AFTER_CHECKPOINTS:
                 assert child.poll() is None, f"the training process died; see {log.name}"
-                assert time.monotonic() < deadline, "no second checkpoint within 180 s"
                 if last.is_file():
                     seen.add(last.stat().st_ino)  # every checkpoint is a new file renamed in
                 time.sleep(0.05)
@@ -146,6 +153,13 @@ def run(clahe_256: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     finally:
         lightning_log.removeHandler(handler)
     return Run(killed_at, killed_metrics, result, metrics, handler.messages)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(clahe_256: Path, tmp_path_factory: pytest.TempPathFactory) -> FinetuneResult:
+    """The same settings run to the end in one go."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return finetune(clahe_256, out, MODEL, SETTINGS)
 
 
 def _dice(dataset_dir: Path, model: torch.nn.Module) -> dict[str, float]:
@@ -190,8 +204,30 @@ def test_loss_decreases(run: Run) -> None:
     assert last[-1]["lr"] == pytest.approx(3e-3 * (1 / 33) ** 0.9)  # poly, step 35 of 3 + 33
 
 
-def test_reaches_the_stated_exudate_dice(run: Run, clahe_256: Path) -> None:
-    model = load_trained_model(run.result.weights, MODEL)
+def test_resumed_run_equals_an_uninterrupted_one(run: Run, uninterrupted: FinetuneResult) -> None:
+    """Same step, weights, optimiser moments and learning rate after kill + resume as without
+    the kill: the sampler continued its stream exactly where the checkpoint left it."""
+    resumed = torch.load(run.result.checkpoint, map_location="cpu", weights_only=False)
+    straight = torch.load(uninterrupted.checkpoint, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == straight["global_step"] == 36
+    for key, value in straight["state_dict"].items():
+        assert torch.allclose(resumed["state_dict"][key], value, rtol=0, atol=RESUME_TOLERANCE), key
+    moments = [
+        (resumed_state[name], straight_state[name])
+        for resumed_state, straight_state in zip(
+            resumed["optimizer_states"][0]["state"].values(),
+            straight["optimizer_states"][0]["state"].values(),
+            strict=True,
+        )
+        for name in ("exp_avg", "exp_avg_sq")
+    ]
+    assert all(torch.allclose(a, b, rtol=0, atol=RESUME_TOLERANCE) for a, b in moments)
+    assert resumed["lr_schedulers"] == straight["lr_schedulers"]
+
+
+def test_reaches_the_stated_exudate_dice(uninterrupted: FinetuneResult, clahe_256: Path) -> None:
+    """Measured on the fixed synthetic set, 36 steps fp32: see EX_DICE."""
+    model = load_trained_model(uninterrupted.weights, MODEL)
     assert not model.training
     dice = _dice(clahe_256, model)
     assert dice["EX"] >= EX_DICE, dice
@@ -274,7 +310,18 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate_factor(0, 0, 10, "poly") == pytest.approx(1.0)
 
 
+XEON_AMX = "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+EPYC_ZEN1 = "flags\t\t: fpu sse avx avx2 fma sha_ni\n"
+
+
+def test_bf16_units_are_read_from_the_cpu_flags() -> None:
+    assert cpu_has_bf16_units(XEON_AMX)
+    assert cpu_has_bf16_units("flags\t: avx512f avx512_bf16\n")
+    assert not cpu_has_bf16_units(EPYC_ZEN1)
+    assert not cpu_has_bf16_units("model name\t: avx512_bf16 in a name is no flag\n")
+
+
 def test_precision_auto_follows_the_device() -> None:
-    expected = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    assert resolve_precision("auto") == expected
+    fast_bf16 = torch.cuda.is_available() or cpu_has_bf16_units()
+    assert resolve_precision("auto") == ("bf16-mixed" if fast_bf16 else "32-true")
     assert resolve_precision("16-mixed") == "16-mixed"

@@ -1,3 +1,4 @@
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +65,12 @@ def _record(root: Path, record_id: str, split: str, lesions: dict[str, list[tupl
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three train photographs (one without any SE mask file) and one val photograph.
-    No MA anywhere in the train split; SE only in one photograph, HE and EX in two."""
+    MA and SE in one photograph each, HE and EX in two."""
     out = tmp_path_factory.mktemp("patches")
     records = [
-        _record(out, "a", "train", {"HE": [(30, 40)], "EX": [(50, 60), (52, 90)]}),
+        _record(
+            out, "a", "train", {"MA": [(70, 100)], "HE": [(30, 40)], "EX": [(50, 60), (52, 90)]}
+        ),
         _record(out, "b", "train", {"HE": [(70, 70)], "EX": [(40, 30)], "SE": [(20, 64)]}),
         _record(out, "c", "train", {"SE": []}),
         _record(out, "v", "val", {"MA": [(48, 64)]}),
@@ -106,21 +109,31 @@ def test_loads_the_train_split_with_missing_masks_all_negative(data: TrainImages
     assert data.masks[0].shape == (H, W, 4) and data.masks[0].dtype == bool
     assert not data.masks[0][..., 3].any(), "photograph a has no SE mask file: all negative"
     assert [m.sum(axis=(0, 1)).tolist() for m in data.masks] == [
-        [0, 9, 18, 0],
+        [9, 9, 18, 0],
         [0, 9, 9, 9],
         [0, 0, 0, 0],
     ]
-    assert [len(rows) for rows in data.lesion_pixels] == [0, 18, 27, 9]
+    assert [len(rows) for rows in data.lesion_pixels] == [9, 18, 27, 9]
     for cls, rows in enumerate(data.lesion_pixels):
         for image, y, x in rows:
             assert data.masks[image][y, x, cls]
     assert data.images[1][20, 64, 1] == MARKER_GREEN  # the SE square of b
 
 
-def test_class_sampling_is_renormalised_over_present_classes(data: TrainImages) -> None:
-    # MA has no pixel in the train split: its share goes to the others.
-    probs = class_probabilities(data, (0.4, 0.3, 0.2, 0.1))
-    assert probs == pytest.approx([0.0, 0.5, 1 / 3, 1 / 6])
+def test_a_train_split_without_pixels_of_a_class_is_refused(tmp_path: Path) -> None:
+    """Fine-tuning cannot learn a class it never sees: it fails before training, not after."""
+    record = _record(tmp_path, "a", "train", {"HE": [(30, 40)], "EX": [(50, 60)]})
+    manifest = Manifest(
+        stage="ingest", dataset_hash="t", classes=LESION_CLASSES, params={}, records=(record,)
+    )
+    dataset.write_manifest(tmp_path, manifest)
+    with pytest.raises(dataset.DatasetError, match=r"no lesion pixel of MA, SE; add labelled"):
+        load_train_split(tmp_path, LESION_CLASSES)
+
+
+def test_class_sampling_is_normalised(data: TrainImages) -> None:
+    probs = class_probabilities(data, (2.0, 1.0, 1.0, 0.0))
+    assert probs == pytest.approx([0.5, 0.25, 0.25, 0.0])
     with pytest.raises(ValueError, match="3 values for 4 classes"):
         class_probabilities(data, (1.0, 1.0, 1.0))
 
@@ -139,9 +152,9 @@ def test_rare_class_is_sampled_in_its_requested_share(data: TrainImages) -> None
     probs = class_probabilities(data, (0.1, 0.1, 0.1, 0.7))
     n = 3000
     chosen = [choose_centre(data, rng, 1.0, probs).cls for _ in range(n)]
-    # SE holds 9 of the 54 lesion pixels, yet is chosen 70% of the time (+-4 sigma).
-    assert chosen.count(3) / n == pytest.approx(0.7 / 0.9, abs=0.03)
-    assert chosen.count(0) == 0
+    # SE holds 9 of the 63 lesion pixels, yet is chosen 70% of the time (+-4 sigma).
+    assert chosen.count(3) / n == pytest.approx(0.7, abs=0.034)
+    assert chosen.count(0) / n == pytest.approx(0.1, abs=0.022)
 
 
 def test_background_centres_are_in_the_field_of_view(data: TrainImages) -> None:
@@ -248,18 +261,35 @@ def test_patch_keeps_the_clean_image_as_reconstruction_target(data: TrainImages)
         assert torch.equal(patch.reconstruction_input[:, kept], patch.image[:, kept])
 
 
+def _batches(
+    data: TrainImages, seed: tuple[int, ...], first_batch: int, batches: int, workers: int = 0
+) -> list[torch.Tensor]:
+    stream = PatchStream(data, _sampling(data), seed, first_batch, batch_size=4)
+    loader = iter(DataLoader(stream, batch_size=4, num_workers=workers))
+    return [next(loader).image for _ in range(batches)]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_stream_is_deterministic_for_a_seed(data: TrainImages) -> None:
-    def first(seed: tuple[int, ...]) -> list[torch.Tensor]:
-        stream = iter(PatchStream(data, _sampling(data), seed))
-        return [next(stream).image for _ in range(5)]
-
-    a, b, c = first((0, 0, 0)), first((0, 0, 0)), first((1, 0, 0))
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+    a, b = _batches(data, (0, 0), 0, 3), _batches(data, (0, 0), 0, 3)
+    assert _same(a, b)
+    assert not any(torch.equal(x, y) for x, y in itertools.pairwise(a))
 
 
-def test_workers_draw_different_patches(data: TrainImages) -> None:
-    loader = DataLoader(PatchStream(data, _sampling(data), (0, 0, 0)), batch_size=4, num_workers=2)
-    batches = iter(loader)
-    first, second = next(batches), next(batches)  # one batch from each worker
-    assert not torch.equal(first.image, second.image)
+def test_stream_is_the_same_for_any_number_of_workers(data: TrainImages) -> None:
+    """Two workers make alternate batches; together they give the one-process stream."""
+    assert _same(_batches(data, (0, 0), 0, 4, workers=2), _batches(data, (0, 0), 0, 4))
+
+
+def test_resumed_stream_continues_the_uninterrupted_one(data: TrainImages) -> None:
+    uninterrupted = _batches(data, (0, 0), 0, 5)
+    assert _same(_batches(data, (0, 0), 3, 2), uninterrupted[3:])
+
+
+def test_ranks_draw_different_streams(data: TrainImages) -> None:
+    """A distributed run puts its rank in the seed: no rank repeats another's patches."""
+    rank0, rank1 = _batches(data, (0, 0), 0, 3), _batches(data, (0, 1), 0, 3)
+    assert not any(torch.equal(x, y) for x in rank0 for y in rank1)

@@ -139,7 +139,7 @@ def _checkpoint(result: PretrainResult) -> dict[str, object]:
 def test_pretraining_lowers_the_loss(run: Run, pool: Path, labelled: Path) -> None:
     """NT-Xent on 32 fixed pairs of fresh views, before and after the run."""
     photographs, _ = pretrain_photographs([pool], labelled, include_labelled=True)
-    stream = iter(ViewPairStream(photographs, SETTINGS.crop_size, 0.8, (1234,)))
+    stream = iter(ViewPairStream(photographs, SETTINGS.crop_size, 0.8, (1234,), 0, 32))
     views = render_pairs(default_collate([next(stream) for _ in range(32)]), SETTINGS.crop_size)
 
     def loss(module: SimCLRModule) -> float:

@@ -180,13 +180,14 @@ def test_stream_is_reproducible_for_a_seed() -> None:
     image = np.random.default_rng(4).integers(0, 256, (*fov.shape, 3), dtype=np.uint8)
     photos: list[Photograph] = [photograph(image, fov)]
 
-    def first(seed: tuple[int, ...]) -> torch.Tensor:
-        return next(iter(ViewPairStream(photos, 64, 0.8, seed))).windows
+    def first(seed: tuple[int, ...], first_batch: int = 0) -> torch.Tensor:
+        return next(iter(ViewPairStream(photos, 64, 0.8, seed, first_batch, 2))).windows
 
-    assert torch.equal(first((0, 0, 0)), first((0, 0, 0)))
-    assert not torch.equal(first((0, 0, 0)), first((0, 0, 12)))
+    assert torch.equal(first((0, 0)), first((0, 0)))
+    assert not torch.equal(first((0, 0)), first((0, 1)))
+    assert not torch.equal(first((0, 0)), first((0, 0), first_batch=12))
 
 
 def test_crop_size_must_be_a_multiple_of_32() -> None:
     with pytest.raises(ValueError, match=r"pretrain\.crop_size = 100 is not a multiple of 32"):
-        ViewPairStream([], 100, 0.8, (0,))
+        ViewPairStream([], 100, 0.8, (0,), 0, 2)

@@ -14,7 +14,6 @@ run no OpenCV code (see parallel.py on why that matters for forked workers).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,11 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from drseg.data import dataset
 from drseg.models.normalize import image_to_tensor
-
-log = logging.getLogger(__name__)
+from drseg.train.streams import item_generators
 
 ReconstructionInput = Literal["clean", "noised", "masked"]
 
@@ -93,7 +91,13 @@ def load_train_split(root: Path, classes: Sequence[str]) -> TrainImages:
     pixels = tuple(np.concatenate(per_image) for per_image in lesions)
     absent = [cls for cls, rows in zip(classes, pixels, strict=True) if not len(rows)]
     if absent:
-        log.warning("%s: no lesion pixel of %s in the train split", root, ", ".join(absent))
+        # A class without one lesion pixel cannot be learnt, and its empty truth would make
+        # every later number about it undefined: stop before hours of training.
+        raise dataset.DatasetError(
+            f"{root}: the train split ({len(records)} photographs) has no lesion pixel of "
+            f"{', '.join(absent)}; add labelled photographs with those lesions, or remove the "
+            "class from model.classes"
+        )
     return TrainImages(
         ids=tuple(r.id for r in records),
         classes=tuple(classes),
@@ -277,20 +281,28 @@ def sample_patch(data: TrainImages, rng: np.random.Generator, sampling: PatchSam
 
 
 class PatchStream(IterableDataset[Patch]):
-    """An endless stream of training patches.
+    """An endless stream of training patches, from batch `first_batch` on.
 
-    Each DataLoader worker seeds its own generator from (seed..., worker id), so workers
-    never repeat each other's patches and a run is reproducible for a given seed.
+    Each patch is drawn from its own generator keyed by (seed..., batch, position): the
+    stream does not depend on the number of workers, and a resumed run continues it exactly
+    (drseg.train.streams).
     """
 
-    def __init__(self, data: TrainImages, sampling: PatchSampling, seed: Sequence[int]) -> None:
+    def __init__(
+        self,
+        data: TrainImages,
+        sampling: PatchSampling,
+        seed: Sequence[int],
+        first_batch: int,
+        batch_size: int,
+    ) -> None:
         super().__init__()
         self.data = data
         self.sampling = sampling
         self.seed = tuple(seed)
+        self.first_batch = first_batch
+        self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[Patch]:
-        worker = get_worker_info()
-        rng = np.random.default_rng([*self.seed, worker.id if worker is not None else 0])
-        while True:
+        for rng in item_generators(self.seed, self.first_batch, self.batch_size):
             yield sample_patch(self.data, rng, self.sampling)

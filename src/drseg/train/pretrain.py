@@ -64,6 +64,8 @@ class PretrainResult:
     """Wall time of this call's training loop."""
     images_per_second: float
     """Views (two per photograph) per second in this call, over all devices."""
+    precision: str
+    """The arithmetic Lightning trained in ("bf16-mixed", "32-true", ...)."""
 
 
 def projection_head(features: int, projection_dim: int) -> torch.nn.Sequential:
@@ -115,11 +117,14 @@ class SimCLRModule(StepLoggedModule):
 
     def train_dataloader(self) -> DataLoader[ViewPair]:
         settings = self.settings
-        # Called after a checkpoint is restored: seeding with the step makes a resumed run
-        # draw new views instead of replaying the ones it saw before the checkpoint.
-        seed = (settings.seed, self.global_rank, self.global_step)
+        # Called after a checkpoint is restored: the stream continues at the restored step.
         stream = ViewPairStream(
-            self.photographs, settings.crop_size, settings.min_fov_fraction, seed
+            self.photographs,
+            settings.crop_size,
+            settings.min_fov_fraction,
+            (settings.seed, self.global_rank),
+            self.global_step,
+            settings.batch_size,
         )
         return DataLoader(
             stream,
@@ -244,4 +249,5 @@ def pretrain(
         final_loss=module.last_loss,
         seconds=module.seconds,
         images_per_second=images_per_second,
+        precision=str(trainer.precision),
     )

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from drseg.data import dataset
 from drseg.models.normalize import IMAGE_MEAN, IMAGE_STD
+from drseg.train.streams import item_generators
 
 CROP_MULTIPLE = 32
 """crop_size must be a multiple of this: the encoder's stride (and of CHECK_STRIDE)."""
@@ -334,7 +335,8 @@ def render_pairs(batch: ViewPair, size: int) -> Tensor:
 class ViewPairStream(IterableDataset[ViewPair]):
     """An endless stream of positive pairs from photographs drawn uniformly.
 
-    Each DataLoader worker seeds its own generator from (seed..., worker id), as PatchStream.
+    Each pair is drawn from its own generator keyed by (seed..., batch, position), as in
+    PatchStream, so a resumed run continues the stream exactly.
     """
 
     def __init__(
@@ -343,6 +345,8 @@ class ViewPairStream(IterableDataset[ViewPair]):
         crop_size: int,
         min_fov_fraction: float,
         seed: Sequence[int],
+        first_batch: int,
+        batch_size: int,
     ) -> None:
         super().__init__()
         check_crop_size(crop_size)
@@ -350,10 +354,10 @@ class ViewPairStream(IterableDataset[ViewPair]):
         self.crop_size = crop_size
         self.min_fov_fraction = min_fov_fraction
         self.seed = tuple(seed)
+        self.first_batch = first_batch
+        self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[ViewPair]:
-        worker = get_worker_info()
-        rng = np.random.default_rng([*self.seed, worker.id if worker is not None else 0])
-        while True:
+        for rng in item_generators(self.seed, self.first_batch, self.batch_size):
             photo = self.photographs[int(rng.integers(len(self.photographs)))]
             yield sample_view_pair(photo, rng, self.crop_size, self.min_fov_fraction)

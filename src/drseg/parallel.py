@@ -55,9 +55,7 @@ def parallel_map(
                 yield result
             return
         context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_start_worker
-        ) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
             for result in pool.map(fn, items, chunksize=1):
                 bar.update()
                 yield result

@@ -64,12 +64,9 @@ class _Task:
     root: Path
 
 
-def _record_problems(record: SourceRecord, storage: Storage, found: list[Problem]) -> list[Problem]:
-    """The problems, plus the line that takes the photograph out when they were in its masks."""
-    image = storage.describe(record.image)
-    if any(p.path == image for p in found):
-        return found
-    return [*found, photograph_with_mask(record.id, image, found[0].fix)]
+def _with_photograph(record: SourceRecord, storage: Storage, found: list[Problem]) -> list[Problem]:
+    """The problems of a record's masks, plus the line that takes its photograph out."""
+    return [*found, photograph_with_mask(record.id, storage.describe(record.image), found[0].fix)]
 
 
 def _ingest_record(task: _Task) -> RecordEntry | list[Problem]:
@@ -116,7 +113,7 @@ def _ingest_record(task: _Task) -> RecordEntry | list[Problem]:
         except Rejected as exc:
             problems.append(exc.problem)
     if problems:
-        return _record_problems(record, storage, problems)
+        return _with_photograph(record, storage, problems)
 
     root = task.root
     dataset.write_image(dataset.image_path(root, record.id), image)

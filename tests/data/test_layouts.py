@@ -85,11 +85,14 @@ def test_generic_valid_records_survive_next_to_bad_ones() -> None:
     assert listing.rejected_masks == ["masks/MA/z.png"]
 
 
-def test_unlabelled_takes_every_image_in_the_tree() -> None:
-    listing = read_unlabelled(["a/1.jpg", "a/b/2.PNG", "readme.txt", "3.tif"])
+def test_unlabelled_takes_every_image_in_the_tree_but_no_mask() -> None:
+    keys = ["a/1.jpg", "a/b/2.PNG", "readme.txt", "3.tif", "masks/HE/3.png", f"{GT}/x/3_MA.tif"]
+    listing = read_unlabelled(keys)
     assert [r.id for r in listing.records] == ["3", "a__1", "a__b__2"]
     assert [(f.path, f.reason) for f in listing.skipped] == [
-        ("readme.txt", "not a photograph (.txt)")
+        ("readme.txt", "not a photograph (.txt)"),
+        ("masks/HE/3.png", "a mask (in a mask folder), not a photograph"),
+        (f"{GT}/x/3_MA.tif", "a mask (in a mask folder), not a photograph"),
     ]
 
 

@@ -351,11 +351,15 @@ def read_generic(keys: list[str], classes: tuple[str, ...]) -> Listing:
 
 
 def read_unlabelled(keys: list[str]) -> Listing:
-    """Every image anywhere in the tree; the id is its path without suffix, '/' -> '__'."""
+    """Every image anywhere in the tree, except in mask folders (a labelled tree given as
+    the pool); the id is its path without suffix, '/' -> '__'."""
     images: dict[str, list[str]] = defaultdict(list)
     skipped: list[Skipped] = []
     for key in keys:
-        if _suffix(key) in IMAGE_SUFFIXES:
+        folders = PurePosixPath(key).parts[:-1]
+        if IDRID_MASKS in folders or "masks" in (f.lower() for f in folders):
+            skipped.append(Skipped(key, "a mask (in a mask folder), not a photograph"))
+        elif _suffix(key) in IMAGE_SUFFIXES:
             images[str(PurePosixPath(key).with_suffix("")).replace("/", "__")].append(key)
         else:
             skipped.append(Skipped(key, f"not a photograph ({_suffix(key) or 'no suffix'})"))

@@ -1,8 +1,10 @@
 """The ingest stage: source folder or s3:// prefix -> validated dataset artifact.
 
 Every record is read, checked and resized in a pool of processes; a record that fails a
-check goes to the quarantine report with the file, the problem and the fix, and the stage
-fails only when fewer than `min_records` valid records remain.
+check goes to the quarantine report with the file, the problem and the fix, whole: a
+photograph whose mask was rejected goes with it, since it would otherwise train as
+lesion-free for that class. The stage fails when fewer than `min_records` valid records
+remain, and when a labelled source holds no lesion mask at all (a misnamed mask folder).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Image stages are CPU-bound per record, so processes (not threads) and one OpenCV
 per process: N processes x N OpenCV threads would oversubscribe the cores. Workers start
 from a fork server, never by forking the caller: a fork of a process whose OpenCV thread
 pool has run deadlocks in the child.
+
+Workers end with the process that started them, however it ends (kill -9 included): a
+worker blocked on its task queue or busy with a record would otherwise live on, writing
+into an output folder nobody will use.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -22,8 +27,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _single_threaded_cv2() -> None:
+def _exit_with_parent() -> None:
+    """Wait for the parent's end (its sentinel pipe closes when it dies), then exit at once."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    parent.join()
+    os._exit(1)
+
+
+def _start_worker() -> None:
     cv2.setNumThreads(1)
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 def parallel_map(
@@ -40,9 +55,7 @@ def parallel_map(
                 yield result
             return
         context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_single_threaded_cv2
-        ) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
             for result in pool.map(fn, items, chunksize=1):
                 bar.update()
                 yield result

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import time
+import traceback
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from drseg.config import StorageSettings
 from drseg.data.storage import (
@@ -200,3 +203,32 @@ def test_missing_s3_credentials_say_what_to_set(monkeypatch: pytest.MonkeyPatch)
     assert "s3://bkt/p/k" in str(caught.value)
     assert "AWS_ACCESS_KEY_ID" in str(caught.value)
     assert "storage.access_key_id" in str(caught.value)
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_unreachable_s3_endpoint_error_does_not_print_the_credentials_in_its_url() -> None:
+    endpoint = f"http://AKIAEXAMPLE:wJalr%2FtopSECRET@127.0.0.1:{_free_port()}"
+    settings = StorageSettings(
+        endpoint_url=endpoint,
+        access_key_id=SecretStr("AKIAEXAMPLE"),
+        secret_access_key=SecretStr("wJalr/topSECRET"),
+    )
+    with pytest.raises(StorageError) as raised:
+        open_storage("s3://bucket/prefix", settings).list_files()
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "cannot reach S3 endpoint http://***@127.0.0.1" in shown
+    for secret in ("topSECRET", "AKIAEXAMPLE"):
+        assert secret not in shown
+
+
+def test_unsupported_url_error_masks_its_credentials() -> None:
+    with pytest.raises(StorageError) as raised:
+        open_storage("https://user:hunter2@example.invalid/data")
+    assert "hunter2" not in str(raised.value)
+    assert "https://***@example.invalid/data" in str(raised.value)

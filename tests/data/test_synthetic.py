@@ -18,6 +18,8 @@ from drseg.data.synthetic import (
     synth_photograph,
     write_synthetic_dataset,
 )
+from drseg.data.validation import check_fundus, check_mask
+from drseg.preprocess import fov_mask
 
 LESIONS = ("MA", "HE", "EX", "SE")
 IDRID_FOLDERS = {
@@ -244,3 +246,15 @@ def test_idrid_names_get_three_digits_past_99(
     assert ids[0] == "IDRiD_001" and ids[-1] == "IDRiD_100"
     assert (tmp_path / IMAGES / "IDRiD_100.jpg").is_file()
     assert (tmp_path / MASKS / "5. Optic Disc" / "IDRiD_100_OD.tif").is_file()
+
+
+def test_photographs_and_masks_pass_ingests_plausibility_checks(
+    full_width: list[SyntheticPhotograph],
+) -> None:
+    """Every test trains on these: ingest must never quarantine one as implausible."""
+    for photo in full_width + [_photo(3, i) for i in range(4)]:
+        fov = fov_mask(photo.image)
+        height, width = fov.shape
+        check_fundus(fov, (width, height), "synth", "synth.png")
+        for cls in SYNTH_CLASSES:
+            check_mask(photo.masks[cls], fov, cls, "synth", f"{cls}.png")

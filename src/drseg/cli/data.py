@@ -33,6 +33,8 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> None:
     print(format_summary(result.summary))
     for problem in result.quarantined:
         print(f"quarantined {problem.path}: {problem.problem} -> {problem.fix}", file=sys.stderr)
+    for skipped in result.skipped:
+        print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     print(f"dataset written to {args.out}")
 
 

@@ -1,26 +1,47 @@
 """The ingest stage: source folder or s3:// prefix -> validated dataset artifact.
 
 Every record is read, checked and resized in a pool of processes; a record that fails a
-check goes to the quarantine report with the file, the problem and the fix, and the stage
-fails only when fewer than `min_records` valid records remain.
+check goes to the quarantine report with the file, the problem and the fix, whole: a
+photograph whose mask was rejected goes with it, since it would otherwise train as
+lesion-free for that class. The stage fails when fewer than `min_records` valid records
+remain, and when a labelled source holds no lesion mask at all (a misnamed mask folder).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from drseg import atomic
 from drseg.config import LESION_CLASSES, IngestSettings, StorageSettings
 from drseg.data import dataset
 from drseg.data.dataset import Manifest, MaskEntry, RecordEntry, Split
-from drseg.data.layouts import SourceRecord, detect_layout, read_layout
+from drseg.data.layouts import (
+    Layout,
+    Listing,
+    Skipped,
+    SourceRecord,
+    detect_layout,
+    mask_folders,
+    read_layout,
+)
 from drseg.data.storage import Storage, open_storage
-from drseg.data.validation import Problem, Rejected, decode_image, decode_mask, read_header
+from drseg.data.validation import (
+    MASK_REJECTED,
+    Problem,
+    Rejected,
+    check_fundus,
+    check_mask,
+    decode_image,
+    decode_mask,
+    photograph_with_mask,
+    read_header,
+)
 from drseg.parallel import parallel_map
 from drseg.preprocess import fov_mask, resize_image, resize_mask, working_size
 
@@ -33,6 +54,7 @@ class IngestError(RuntimeError):
 class IngestResult:
     manifest: Manifest
     quarantined: list[Problem]
+    skipped: list[Skipped]
     summary: dict[str, Any]
 
 
@@ -44,12 +66,9 @@ class _Task:
     root: Path
 
 
-def _reject(record: SourceRecord, storage: Storage, problem: Problem) -> list[Problem]:
-    """The problem, plus a line for the photograph when the problem was in one of its masks."""
-    image = storage.describe(record.image)
-    if problem.path == image:
-        return [problem]
-    return [problem, Problem(record.id, image, "photograph quarantined with its mask", problem.fix)]
+def _with_photograph(record: SourceRecord, storage: Storage, found: list[Problem]) -> list[Problem]:
+    """The problems of a record's masks, plus the line that takes its photograph out."""
+    return [*found, photograph_with_mask(record.id, storage.describe(record.image), found[0].fix)]
 
 
 def _ingest_record(task: _Task) -> RecordEntry | list[Problem]:
@@ -71,30 +90,32 @@ def _ingest_record(task: _Task) -> RecordEntry | list[Problem]:
         header = read_header(data, record.id, location, settings.max_pixels)
         size = working_size(header.width, header.height, settings.working_width)
         decoded = decode_image(data, header, record.id, location, settings.working_width)
-        masks: dict[str, tuple[str, bytes, Any]] = {}
-        for cls, key in sorted(record.masks.items()):
+        image = resize_image(decoded.rgb, size)
+        fov = fov_mask(image)
+        check_fundus(fov, (header.width, header.height), record.id, location)
+    except Rejected as exc:
+        return [exc.problem]
+
+    masks: dict[str, tuple[str, bytes, Any]] = {}
+    problems: list[Problem] = []
+    for cls, key in sorted(record.masks.items()):
+        mask_location = storage.describe(key)
+        try:
             mask_bytes = storage.read_bytes(key)
             mask = decode_mask(
                 mask_bytes,
                 record.id,
-                storage.describe(key),
+                mask_location,
                 (header.width, header.height),
                 settings.max_pixels,
             )
-            masks[cls] = (storage.describe(key), mask_bytes, resize_mask(mask, size))
-        image = resize_image(decoded.rgb, size)
-        fov = fov_mask(image)
-        if fov.mean() < 0.05:
-            raise Rejected(
-                Problem(
-                    record.id,
-                    location,
-                    "no field of view found (the photograph is almost all black)",
-                    "check that this is a colour fundus photograph and that it is not blank",
-                )
-            )
-    except Rejected as exc:
-        return _reject(record, storage, exc.problem)
+            small = resize_mask(mask, size)
+            check_mask(small, fov, cls, record.id, mask_location)
+            masks[cls] = (mask_location, mask_bytes, small)
+        except Rejected as exc:
+            problems.append(exc.problem)
+    if problems:
+        return _with_photograph(record, storage, problems)
 
     root = task.root
     dataset.write_image(dataset.image_path(root, record.id), image)
@@ -152,6 +173,32 @@ def source_fingerprint(source: str | Path, storage_settings: StorageSettings | N
     return dataset.content_hash({"source": storage.url, "files": storage.stamps()})
 
 
+def _require_masks(
+    listing: Listing,
+    layout: Layout,
+    classes: tuple[str, ...],
+    url: str,
+    keys: list[str],
+    chosen: str,
+) -> None:
+    """A labelled layout in which not one lesion mask was found is a misread source (a
+    misnamed mask folder), never "lesion-free photographs": refuse it, saying where we looked."""
+    if layout == "unlabelled":
+        return
+    lesions = [c for c in classes if c in LESION_CLASSES] or list(classes)
+    if any(c in r.masks for r in listing.records for c in lesions):
+        return
+    if listing.rejected_masks:
+        return  # mask files exist but were refused: the quarantine report says why
+    folders = sorted({PurePosixPath(k).parts[0] + "/" for k in keys if "/" in k})
+    raise IngestError(
+        f"{url}: no lesion mask found in a labelled source (layout {layout}, {chosen}); "
+        f"looked for {', '.join(mask_folders(layout, tuple(lesions)))}; the source's top "
+        f"folders are {', '.join(folders) or '(none)'}. Put the masks there (e.g. rename the "
+        "mask folder to masks/), or pass --layout unlabelled if the source has no labels"
+    )
+
+
 def ingest(
     source: str | Path,
     out: Path,
@@ -161,8 +208,12 @@ def ingest(
     storage = open_storage(source, storage_settings)
     keys = storage.list_files()
     layout = detect_layout(keys) if settings.layout == "auto" else settings.layout
+    chosen = "detected" if settings.layout == "auto" else "set by ingest.layout"
     listing = read_layout(keys, layout, settings.classes)
-    problems = list(listing.problems)
+    _require_masks(listing, layout, settings.classes, storage.url, keys, chosen)
+    problems = [replace(p, path=storage.describe(p.path)) for p in listing.problems]
+    skipped = [replace(s, path=storage.describe(s.path)) for s in listing.skipped]
+    photographs = {storage.describe(k) for k in listing.photographs}
     with atomic.output_dir(out) as root:
         tasks = [_Task(storage, record, settings, root) for record in listing.records]
         entries: list[RecordEntry] = []
@@ -171,16 +222,16 @@ def ingest(
                 entries.append(result)
             else:
                 problems.extend(result)
-        quarantined_ids = sorted({p.id for p in problems})
-        report = [asdict(p) for p in problems]
-        dataset.write_json(root / dataset.QUARANTINE, report)
+        quarantined = sorted({p.id for p in problems if p.path in photographs})
+        report = json.dumps([asdict(p) for p in problems], indent=2) + "\n"
+        atomic.write_text(root / dataset.QUARANTINE, report)
         if len(entries) < settings.min_records:
             # No dataset comes out, but the report does: it says what to fix.
-            dataset.write_json(Path(out) / dataset.QUARANTINE, report)
+            atomic.write_failure_report(Path(out), {dataset.QUARANTINE: report})
             raise IngestError(
                 f"{storage.url}: only {len(entries)} valid records "
                 f"(ingest.min_records = {settings.min_records}); "
-                f"{len(quarantined_ids)} quarantined:\n"
+                f"{len(quarantined)} photographs quarantined:\n"
                 + "\n".join(f"  {p.path}: {p.problem} -> {p.fix}" for p in problems[:20])
             )
         lesions = set(LESION_CLASSES)
@@ -204,6 +255,7 @@ def ingest(
             params=params,
             records=tuple(sorted(entries, key=lambda e: e.id)),
         )
+        masks = dataset.class_counts(manifest)
         summary = {
             "stage": "ingest",
             "source": storage.url,
@@ -212,26 +264,41 @@ def ingest(
             "records": len(entries),
             "train": sum(e.split == "train" for e in entries),
             "val": sum(e.split == "val" for e in entries),
-            "masks": dataset.class_counts(manifest),
+            "masks": masks,
+            "classes_without_masks": (
+                [c for c, n in masks.items() if not n] if layout != "unlabelled" else []
+            ),
             "converted": sum(bool(e.notes) for e in entries),
-            "quarantined": len(quarantined_ids),
-            "ignored_files": len(listing.ignored),
+            "quarantined": len(quarantined),
+            "quarantined_with_masks": len({p.id for p in problems if p.problem == MASK_REJECTED}),
+            "problems": len(problems),
+            "skipped": [asdict(s) for s in skipped],
         }
         dataset.write_manifest(root, manifest)
         dataset.write_json(root / dataset.SUMMARY, summary)
-    return IngestResult(manifest, problems, summary)
+    return IngestResult(manifest, problems, skipped, summary)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The ingest summary as a short table for the terminal."""
+    skipped = summary["skipped"]
     rows = [
         ("source", summary["source"]),
         ("layout", summary["layout"]),
         ("records", f"{summary['records']} (train {summary['train']}, val {summary['val']})"),
         *((f"masks {cls}", str(n)) for cls, n in summary["masks"].items()),
+        *(
+            [("no mask at all", ", ".join(summary["classes_without_masks"]))]
+            if summary["classes_without_masks"]
+            else []
+        ),
         ("converted", str(summary["converted"])),
-        ("quarantined", str(summary["quarantined"])),
-        ("ignored files", str(summary["ignored_files"])),
+        (
+            "quarantined",
+            f"{summary['quarantined']} photographs, {summary['quarantined_with_masks']} of them "
+            f"for a rejected mask ({summary['problems']} problems in quarantine.json)",
+        ),
+        ("skipped files", f"{len(skipped)}" + (" (listed in summary.json)" if skipped else "")),
         ("dataset hash", summary["dataset_hash"][:16]),
     ]
     width = max(len(name) for name, _ in rows)

@@ -8,6 +8,7 @@ location, the problem and the fix, without ever including a secret.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -36,8 +37,27 @@ _CREDENTIAL_FIX = (
 )
 
 
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"<>]+@")
+_URL_SECRET_QUERY = re.compile(
+    r"([?&;][\w.-]*(?:password|token|secret|signature|credential|key|sig)[\w.-]*=)[^&#\s'\"]+",
+    re.IGNORECASE,
+)
+
+
+def _redact(text: str) -> str:
+    """Credentials inside URLs (``http://KEY:SECRET@host``, ``?X-Amz-Signature=...``) as ***.
+
+    Local stand-in until drseg.secrets (the shared redaction) is on main: then call its
+    `redact` here instead.
+    """
+    return _URL_SECRET_QUERY.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", text))
+
+
 class StorageError(RuntimeError):
-    """Message names the URL, the problem and the fix."""
+    """Message names the URL, the problem and the fix; credentials in URLs are masked."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_redact(message))
 
 
 class Storage(Protocol):
@@ -198,7 +218,20 @@ class S3Storage:
 
     @contextmanager
     def _errors(self, key: str | None = None) -> Iterator[None]:
-        """Turn boto3's exceptions into a StorageError that says what to fix."""
+        """Turn boto3's exceptions into a StorageError that says what to fix. The boto3
+        exception is kept as the cause only when it shows no credentials (its text often
+        holds the endpoint URL, user information included)."""
+        try:
+            with self._translated(key):
+                yield
+        except StorageError as exc:
+            cause = exc.__cause__
+            if cause is not None and _redact(str(cause)) != str(cause):
+                raise StorageError(str(exc)) from None
+            raise
+
+    @contextmanager
+    def _translated(self, key: str | None) -> Iterator[None]:
         where = self.url if key is None else self.describe(key)
         endpoint = self.settings.endpoint_url or "the default AWS endpoint"
         try:

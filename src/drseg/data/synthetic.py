@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from drseg.atomic import write_bytes
+from drseg.data.layouts import IDRID_FOLDERS, IDRID_IMAGES, IDRID_MASKS
 
 SYNTH_CLASSES: tuple[str, ...] = ("MA", "HE", "EX", "SE", "OD")
 
@@ -48,15 +49,8 @@ _NOISE_STD = 1.6  # fine sensor noise, grey levels
 _TRIES = 8  # places tried per lesion before it is dropped
 _MIN_AREA = 0.5  # px; smaller lesions vanish at this width, as they do in a downscaled photograph
 
-_IDRID_IMAGES = Path("A. Segmentation/1. Original Images/a. Training Set")
-_IDRID_MASKS = Path("A. Segmentation/2. All Segmentation Groundtruths/a. Training Set")
-_IDRID_FOLDERS: dict[str, str] = {
-    "MA": "1. Microaneurysms",
-    "HE": "2. Haemorrhages",
-    "EX": "3. Hard Exudates",
-    "SE": "4. Soft Exudates",
-    "OD": "5. Optic Disc",
-}
+_IDRID_IMAGES = Path("A. Segmentation", IDRID_IMAGES, "a. Training Set")
+_IDRID_MASKS = Path("A. Segmentation", IDRID_MASKS, "a. Training Set")
 
 
 @dataclass(frozen=True)
@@ -584,7 +578,7 @@ def write_synthetic_dataset(
             write_bytes(out / _IDRID_IMAGES / f"{name}.jpg", jpg)
             for c in present:
                 tif = _palette_tiff(photo.masks[c])
-                write_bytes(out / _IDRID_MASKS / _IDRID_FOLDERS[c] / f"{name}_{c}.tif", tif)
+                write_bytes(out / _IDRID_MASKS / IDRID_FOLDERS[c] / f"{name}_{c}.tif", tif)
         else:
             name = f"synth_{i:0{digits}d}"
             write_bytes(out / "images" / f"{name}.png", _encode(".png", bgr))

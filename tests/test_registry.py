@@ -276,7 +276,7 @@ def test_promote_names_the_versions_there_are(
     _register(uri, name, run_id, files)
     with pytest.raises(RegistryError, match=r"has no version 7 \(it has: 1\); pass one of those"):
         promote(uri, name, 7)
-    with pytest.raises(ValueError, match=r"version 'v1': pass a version number"):
+    with pytest.raises(RegistryError, match=r"version 'v1' is not a version number; pass one"):
         promote(uri, name, "v1")
     assert _aliases(uri, name) == {"challenger": "1"}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drseg.config import ClusterSettings, Settings
+from drseg.errors import UserError
 
 if TYPE_CHECKING:
     from kfp.dsl.graph_component import GraphComponent
@@ -23,7 +24,7 @@ COMPILED = Path("pipelines/compiled/training.yaml")
 """Where `drseg pipeline compile` writes by default (relative to the repository root)."""
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError, ValueError):
     """submit/schedule cannot go ahead as asked; the message names the setting and the fix."""
 
 
@@ -218,17 +219,13 @@ def compile_command(args: argparse.Namespace, settings: Settings) -> None:
     print(f"compiled the training pipeline to {out}")
 
 
-def _run_error(verb: str, exc: Exception) -> SystemExit:
-    return SystemExit(f"drseg pipeline {verb}: error: {exc}")
-
-
 def submit_command(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.run import RunError
 
     try:
         run_id = submit(settings, args.source, args.pool, args.name)
-    except (ClusterError, RunError) as exc:
-        raise _run_error("submit", exc) from exc
+    except RunError as exc:
+        raise UserError(str(exc)) from exc
     host = settings.cluster.kfp_host
     print(f"run {run_id} started on {host}")
 
@@ -238,6 +235,6 @@ def schedule_command(args: argparse.Namespace, settings: Settings) -> None:
 
     try:
         job_id = schedule(settings, args.source, args.pool, args.cron, args.name)
-    except (ClusterError, RunError) as exc:
-        raise _run_error("schedule", exc) from exc
+    except RunError as exc:
+        raise UserError(str(exc)) from exc
     print(f"recurring run {job_id} ({args.name}) on cron {args.cron!r}")

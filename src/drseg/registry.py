@@ -42,6 +42,7 @@ from mlflow.models import Model
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from drseg.artifacts import ONNX_FILE
+from drseg.errors import UserError
 from drseg.gate import ChampionMetrics, GateVerdict, verdict_markdown, verdict_summary
 from drseg.tracking import TAG_DATASET_HASH, TAG_GIT_COMMIT, TAG_PIPELINE_RUN_ID
 
@@ -63,7 +64,7 @@ _REASON_LIMIT = 1000
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A registry operation cannot be done as asked; the message names the model and the fix."""
 
 
@@ -393,7 +394,7 @@ def register_model(
 def _version_number(version: int | str) -> str:
     text = str(version)
     if not text.isdigit():
-        raise ValueError(f"version {version!r}: pass a version number such as 3")
+        raise RegistryError(f"version {version!r} is not a version number; pass one such as 3")
     return text
 
 
@@ -405,8 +406,8 @@ def promote(
     @challenger is cleared when it pointed at `version` (it is no longer a challenger).
     Promoting the current champion changes and records nothing, so a retried step is safe.
     """
-    client = _client(client)
     number = _version_number(version)
+    client = _client(client)
     model = _registered(client, name)
     _version(client, name, number)
     aliases = _aliases(model)

@@ -381,6 +381,12 @@ class ClusterSettings(Section):
     refuses namespaced experiments."""
     experiment: str = "drseg-training"
     """KFP experiment that runs and recurring runs are filed under."""
+    kfp_auth: Literal["none", "service-account-token"] = "none"
+    """How submit/schedule authenticate to the KFP API. "service-account-token": the pod's
+    projected service-account token (audience pipelines.kubeflow.org) at kfp's path,
+    KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token, which a
+    multi-user Kubeflow requires of an in-cluster client (manifests/pipelines); "none": no
+    credentials (a single-user KFP)."""
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )

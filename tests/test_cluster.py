@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from kfp.client import KF_PIPELINES_SA_TOKEN_PATH
 
-from drseg.cli import main
+from drseg.cli import build_parser, main
 from drseg.cluster import ClusterError, schedule, submit
 from drseg.config import ClusterSettings, Settings, load_settings
 from tests.pipelines.test_compiled import _Recorder
+from tests.test_manifests import find, pod_spec
 
 Recorded = list[tuple[str, str, Any]]
 
@@ -135,3 +137,26 @@ def test_pipeline_submit_unless_running_says_why_and_exits_0(
     main(["pipeline", "submit", "--source", "s3://a", "--pool", "s3://b", "--unless-running"])
     assert "no run started: a run of experiment 'drseg-training'" in capsys.readouterr().out
     assert api.posted("/runs") == []
+
+
+def test_nightly_cronjob_authenticates_with_a_projected_token_and_has_a_deadline() -> None:
+    """The CronJob path (kubectl kustomize + strict schema validation: test_manifests.py)."""
+    cronjob = find("pipelines", "CronJob", "drseg-nightly")
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert 0 < job["activeDeadlineSeconds"] <= 3600
+    spec = pod_spec(cronjob)
+    assert spec["serviceAccountName"] == "default-editor"
+    (volume,) = spec["volumes"]
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+    assert source["serviceAccountToken"]["expirationSeconds"] >= 600  # Kubernetes' minimum
+    (container,) = spec["containers"]
+    (mount,) = container["volumeMounts"]
+    token = Path(mount["mountPath"]) / source["serviceAccountToken"]["path"]
+    assert mount["name"] == volume["name"] and mount["readOnly"] is True
+    assert str(token) == KF_PIPELINES_SA_TOKEN_PATH  # where kfp.Client looks by default
+    environ = {e["name"]: e["value"] for e in container["env"]}
+    cluster = load_settings(environ=environ).cluster
+    assert cluster.kfp_auth == "service-account-token"
+    args = build_parser().parse_args(container["args"])
+    assert args.unless_running is True

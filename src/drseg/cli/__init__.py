@@ -1,8 +1,8 @@
 """`drseg <verb>`: one verb per pipeline step, plus `run` for the whole pipeline.
 
 Each module here declares the verbs of one concern (`add_verbs`); this one builds the parser
-and holds the one error handler. Exit status, the same for every verb: 0 done; 1 a verdict
-or check failed (the gate, a run that ended gated, an aborted canary); 2 could not act (bad
+and holds the one error handler. Exit status, the same for every verb: 0 done; 1 the verb's
+verdict or check failed (a step of `drseg run`, an aborted canary); 2 could not act (bad
 settings, a wrong path or argument, a server that cannot be reached), printed as one line
 that names the problem and the fix, with the traceback only under `drseg --verbose`.
 """
@@ -23,8 +23,8 @@ EPILOG = """\
 settings: defaults < YAML file (--config or DRSEG_CONFIG) < DRSEG_<SECTION>__<FIELD> variables,
 e.g. DRSEG_INGEST__WORKING_WIDTH=2048. `drseg config show` prints the effective settings.
 
-exit status: 0 done; 1 a verdict or check failed (gate, canary); 2 could not act (the error
-line names the problem and the fix; --verbose adds the traceback).
+exit status: 0 done; 1 the verb's verdict or check failed (a step of `run`, the canary); 2
+could not act (the error line names the problem and the fix; --verbose adds the traceback).
 """
 
 

@@ -2,8 +2,10 @@
 @champion (the old one becomes @previous), and can be rolled back.
 
 Everything goes through an ``MlflowClient``, so nothing here changes mlflow's process-wide
-state. Models are addressed by version number or by alias, never by "latest", which moves
-under a reader's feet; aliases are lowercase. ``download`` fetches a model by alias through
+state, except for the span of the one call that creates a version (`_create_version`:
+MLflow's SQL registry store reads the process-wide tracking URI there). Models are addressed
+by version number or by alias, never by "latest", which moves under a reader's feet; aliases
+are lowercase. ``download`` fetches a model by alias through
 the client; ``model_uri`` is for mlflow's own loaders, which resolve ``models:/`` URIs
 through the process-wide tracking URI.
 

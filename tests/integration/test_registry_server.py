@@ -26,6 +26,7 @@ from drseg.tracking import stage_run
 from tests.integration.mlflow_server import ARTIFACTS_PREFIX, MlflowServer
 from tests.integration.s3_server import S3Server
 from tests.test_registry import CONTRACT, relu_runs, write_model_files, write_segmenter
+from tests.test_registry import _register as register
 
 pytestmark = pytest.mark.integration
 
@@ -117,18 +118,9 @@ def test_champion_loads_with_pyfunc_from_the_server(
     settings = TrackingSettings(uri=uri, experiment=f"drseg-{uuid.uuid4().hex[:8]}")
     with stage_run(settings, tmp_path / "home", "register", pipeline_run_id="p-1") as run:
         run_id = run.run_id
-    metrics = {"split": "val", "dataset_hash": DATASET, "classes": {}, "merged": {"dice": 0.9}}
     graph = write_segmenter(tmp_path)
     (tmp_path / "model.pt").write_bytes(b"weights")
-    register_model(
-        uri, "drseg-lesions", graph, tmp_path / "model.pt", run_id=run_id,
-        dataset_hash=DATASET, metrics=metrics,
-        verdict=evaluate_gate(metrics, GateSettings(), None, DATASET),
-        git_commit="abc", pipeline_run_id="p-1",
-    )  # fmt: skip
-    number = (
-        MlflowClient(tracking_uri=uri).get_registered_model("drseg-lesions").aliases["challenger"]
-    )
+    number = register(uri, "drseg-lesions", run_id, (graph, tmp_path / "model.pt"))
     promote(uri, "drseg-lesions", number)
     photograph = sorted((synthetic_generic / "images").iterdir())[0]
     batch = prepare_photograph(photograph, CONTRACT).model_input[None]

@@ -79,6 +79,7 @@ def test_environment_values_are_typed_by_their_field() -> None:
             "DRSEG_INGEST__CLASSES": "[MA, HE, OD]",
             "DRSEG_FINETUNE__CLASS_SAMPLING": "[0.75, 0.25]",
             "DRSEG_FINETUNE__CLASS_WEIGHTS": "[1, 2]",
+            "DRSEG_GATE__CLASS_MINIMUMS": "{ma: 0.25}",
             "DRSEG_CLUSTER__GPU_NODE_SELECTOR": "{gpu: 'yes'}",
             "DRSEG_EXPORT__TRT_MAX_SHAPE": "[2, 1024, 1024]",
         }
@@ -91,6 +92,7 @@ def test_environment_values_are_typed_by_their_field() -> None:
     assert settings.model.classes == ("MA", "HE")
     assert settings.finetune.class_sampling == (0.75, 0.25)
     assert settings.finetune.class_weights == (1.0, 2.0)
+    assert settings.gate.class_minimums == {"MA": 0.25}
     assert settings.cluster.gpu_node_selector == {"gpu": "yes"}
     assert settings.export.trt_max_shape == (2, 1024, 1024)
 
@@ -121,12 +123,12 @@ def test_a_misspelt_variable_is_refused_by_name() -> None:
         ({"DRSEG_EVALUATE__TILE_SIZE": "16"}, r"evaluate\.tile_size .*: 16 .* use 32"),
         (
             {"DRSEG_MODEL__CLASSES": "[MA, HE]"},
-            r"finetune\.class_sampling has 4 values for the 2 classes \['MA', 'HE'\] of "
-            r"model\.classes; give one value per class",
+            r"finetune\.class_sampling has 4 values for the 2 model\.classes \['MA', 'HE'\]; "
+            r"give one value per class",
         ),
         (
-            {"DRSEG_MODEL__CLASSES": "[MA, HE, EX, XX]"},
-            r"model\.classes \['XX'\] are not in ingest\.classes",
+            {"DRSEG_INGEST__CLASSES": "[MA, HE, EX, OD]"},
+            r"model\.classes \['SE'\] are not in ingest\.classes",
         ),
         (
             {"DRSEG_GATE__CLASS_MINIMUMS": "{ma: 0.2, od: 0.5}"},

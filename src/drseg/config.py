@@ -515,29 +515,42 @@ class Settings(Section):
     tracking: TrackingSettings = TrackingSettings()
     rollout: RolloutSettings = RolloutSettings()
 
+    # Checks across sections: a mismatch fails in milliseconds at load, not hours into a run.
+
     @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        """Checks across sections, so a mismatch fails at load and not hours into a run."""
+    def _per_class_lists(self) -> Settings:
         classes = self.model.classes
-        for field in ("class_sampling", "class_weights"):
-            values = getattr(self.finetune, field)
+        for name in ("class_sampling", "class_weights"):
+            values = getattr(self.finetune, name)
             if len(values) != len(classes):
                 raise ValueError(
-                    f"finetune.{field} has {len(values)} values for the {len(classes)} classes "
-                    f"{list(classes)} of model.classes; give one value per class, in that order"
+                    f"finetune.{name} has {len(values)} values for the {len(classes)} "
+                    f"model.classes {list(classes)}; give one value per class, in that order"
                 )
-        missing = [c for c in classes if c not in self.ingest.classes]
+        return self
+
+    @model_validator(mode="after")
+    def _model_classes_are_ingested(self) -> Settings:
+        missing = [c for c in self.model.classes if c not in self.ingest.classes]
         if missing:
             raise ValueError(
-                f"model.classes {list(missing)} are not in ingest.classes "
+                f"model.classes {missing} are not in ingest.classes "
                 f"{list(self.ingest.classes)}: their masks would never be read; add them there"
             )
-        unknown = sorted(set(self.gate.class_minimums) - set(classes))
+        return self
+
+    @model_validator(mode="after")
+    def _gate_floors_name_model_classes(self) -> Settings:
+        unknown = sorted(set(self.gate.class_minimums) - set(self.model.classes))
         if unknown:
             raise ValueError(
                 f"gate.class_minimums names {unknown}, which are not in model.classes "
-                f"{list(classes)}; use those class names"
+                f"{list(self.model.classes)}; set gate.class_minimums for the model's classes"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _patches_fit_the_width(self) -> Settings:
         width = self.ingest.working_width
         for name, side in (
             ("finetune.patch_size", self.finetune.patch_size),

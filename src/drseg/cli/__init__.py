@@ -124,12 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         args.handler(args, settings)
     except Exception as exc:
         message = user_message(exc, settings)
+        # A bug keeps its traceback, which is what a report needs; its status is still 2,
+        # not Python's 1, which would read as a failed verdict.
+        trace = traceback.format_exc() if message is None or args.traceback else ""
         if message is None:
-            # A bug: the traceback is what a report needs. Still status 2, not Python's 1,
-            # which would read as a failed verdict.
-            traceback.print_exc()
             message = f"internal error ({type(exc).__name__}); please report it with the above"
-        elif args.traceback:
-            traceback.print_exc()
-        print(f"drseg {args.verb}: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.stderr.write(f"{trace}drseg {args.verb}: error: {' '.join(message.split())}\n")
         raise SystemExit(2) from None

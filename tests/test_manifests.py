@@ -240,6 +240,7 @@ def test_nightly_cronjob_submits_in_runtime_image() -> None:
         "$(DRSEG_SOURCE)",
         "--pool",
         "$(DRSEG_POOL)",
+        "--unless-running",
     ]
     # The args are a real invocation of the CLI.
     from drseg.cli import build_parser

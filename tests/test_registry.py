@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import mlflow.onnx
+import mlflow.pyfunc
 import numpy as np
 import onnx
 import onnxruntime
@@ -17,18 +17,21 @@ from mlflow.entities import LoggedModelStatus
 from onnx import TensorProto, helper
 
 from drseg.config import GateSettings, TrackingSettings
+from drseg.contract import ServingContract
 from drseg.gate import evaluate_gate
 from drseg.registry import (
     RegistryError,
     alias_history,
     champion_metrics,
     download,
+    linked_model_id,
     model_uri,
     promote,
     register_model,
     rollback,
     show,
 )
+from drseg.serving.client import prepare_photograph
 from drseg.tracking import stage_run
 
 DATASET = "sha256:" + "ab" * 32
@@ -70,6 +73,41 @@ def relu_runs(model: Path) -> bool:
     session = onnxruntime.InferenceSession(str(model))
     x = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
     return bool(np.array_equal(session.run(None, {"x": x})[0], np.maximum(x, 0)))
+
+
+CONTRACT = ServingContract(
+    working_width=128,
+    clahe_clip_limit=2.0,
+    clahe_tile_grid=8,
+    mean=(0.5, 0.4, 0.3),
+    std=(0.25, 0.2, 0.15),
+    classes=("MA", "HE", "EX", "SE"),
+    thresholds={"MA": 0.5, "HE": 0.5, "EX": 0.5, "SE": 0.5},
+    encoder="segmenter",
+    dataset_hash=DATASET,
+)
+"""How write_segmenter's stand-in takes a photograph (prepare_photograph)."""
+
+
+def write_segmenter(out: Path) -> Path:
+    """A stand-in for drseg's graph with its interface: image (N, 3, H, W) -> probabilities
+    (N, 4, H, W), a 1x1 convolution and a sigmoid."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])
+    probs = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4, "H", "W"])
+    weights = np.random.default_rng(0).normal(size=(4, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "w"], ["logits"]),
+            helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
+        ],
+        "segmenter",
+        [image],
+        [probs],
+        [onnx.numpy_helper.from_array(weights, "w")],
+    )
+    path = out / "segmenter.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +181,13 @@ def test_register_logs_the_model_and_sets_challenger(
     assert version.tags["drseg.pipeline_run_id"] == "p-2"
     assert version.tags["drseg.gate"] == "passed (1 rule)"
     assert json.loads(version.tags["drseg.metrics"]) == _metrics()
-    # The version's source is its logged model's folder: .../models/<model id>/artifacts.
-    model_id = Path(urlparse(version.source).path).parent.name
-    assert model_id.startswith("m-")
+    # Linked to its logged model the way mlflow.register_model links one: by the source
+    # models:/<model id> (MLflow's SQL stores keep no ModelVersion.model_id).
+    model_id = linked_model_id(version)
+    assert model_id is not None and model_id.startswith("m-")
+    assert version.source == f"models:/{model_id}"
     logged = client.get_logged_model(model_id)
-    assert logged.artifact_location == version.source
+    assert client.get_model_version_download_uri(name, "2") == logged.artifact_location
     [link] = json.loads(logged.tags["mlflow.modelVersions"])
     assert (link["name"], str(link["version"])) == (name, "2")
     assert logged.source_run_id == run_id
@@ -167,6 +207,16 @@ def test_register_logs_the_model_and_sets_challenger(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     loaded = mlflow.onnx.load_model(model_uri(name, "challenger"))
     assert [node.op_type for node in loaded.graph.node] == ["Relu"]
+    # The signature and input example come from the graph: a dynamic batch of 3 floats.
+    info = mlflow.models.get_model_info(model_uri(name, "challenger"))
+    assert info.model_id == model_id
+    assert info.signature is not None
+    assert info.signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (-1, 3)}, "name": "x"}
+    ]
+    assert info.signature.outputs.input_names() == ["y"]
+    example = json.loads((fetched / "serving_input_example.json").read_text())
+    assert example == {"inputs": {"x": [[0.0, 0.0, 0.0]]}}
     with pytest.raises(RegistryError, match=r"has no @champion \(its aliases: challenger\)"):
         download(uri, name, "champion", tmp_path / "none")
 
@@ -276,7 +326,7 @@ def test_promote_names_the_versions_there_are(
     _register(uri, name, run_id, files)
     with pytest.raises(RegistryError, match=r"has no version 7 \(it has: 1\); pass one of those"):
         promote(uri, name, 7)
-    with pytest.raises(ValueError, match=r"version 'v1': pass a version number"):
+    with pytest.raises(RegistryError, match=r"version 'v1' is not a version number; pass one"):
         promote(uri, name, "v1")
     assert _aliases(uri, name) == {"challenger": "1"}
 
@@ -337,3 +387,33 @@ def test_model_uri_is_by_alias_and_lowercase() -> None:
     for alias in ("Champion", "latest", "", "a b"):
         with pytest.raises(ValueError, match="aliases are lowercase"):
             model_uri("seg", alias)
+
+
+def test_champion_loads_with_pyfunc_and_predicts_on_a_photograph(
+    uri: str,
+    run_id: str,
+    files: tuple[Path, Path],
+    synthetic_generic: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What an MLflow user does with the registered model: load @champion through pyfunc and
+    call predict on a photograph prepared as the serving contract says."""
+    graph = write_segmenter(tmp_path)
+    _register(uri, "drseg-lesions", run_id, (graph, files[1]))
+    promote(uri, "drseg-lesions", 1)
+    photograph = sorted((synthetic_generic / "images").iterdir())[0]
+    batch = prepare_photograph(photograph, CONTRACT).model_input[None]
+    assert batch.shape[:2] == (1, 3) and batch.shape[3] == 128 and batch.std() > 0.1
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/drseg-lesions@champion")
+    predicted = model.predict(batch)["probabilities"]
+
+    expected = onnxruntime.InferenceSession(str(graph)).run(None, {"image": batch})[0]
+    assert predicted.shape == (1, 4, *batch.shape[2:])
+    np.testing.assert_allclose(predicted, expected, rtol=1e-6)
+    assert model.metadata.get_input_schema().input_names() == ["image"]
+    assert model.metadata.model_id == linked_model_id(
+        MlflowClient(tracking_uri=uri).get_model_version("drseg-lesions", "1")
+    )

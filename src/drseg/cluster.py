@@ -9,12 +9,14 @@ the same settings `drseg run` uses (drseg.run.pipeline_arguments).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drseg.config import ClusterSettings, Settings
+from drseg.errors import UserError
 
 if TYPE_CHECKING:
     from kfp.dsl.graph_component import GraphComponent
@@ -23,7 +25,7 @@ COMPILED = Path("pipelines/compiled/training.yaml")
 """Where `drseg pipeline compile` writes by default (relative to the repository root)."""
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError, ValueError):
     """submit/schedule cannot go ahead as asked; the message names the setting and the fix."""
 
 
@@ -136,6 +138,31 @@ def validate_cron(expression: str) -> str:
 
 # --- talking to a KFP endpoint ------------------------------------------------------------
 
+ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "PAUSED", "CANCELING"})
+"""KFP run states that still hold (or will hold) the GPU nodes."""
+
+
+def _credentials(cluster: ClusterSettings) -> Any:
+    """kfp.Client credentials for cluster.kfp_auth; None: the request goes without."""
+    if cluster.kfp_auth == "none":
+        return None
+    from kfp.client import (
+        KF_PIPELINES_SA_TOKEN_ENV,
+        KF_PIPELINES_SA_TOKEN_PATH,
+        ServiceAccountTokenVolumeCredentials,
+    )
+
+    path = Path(os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or KF_PIPELINES_SA_TOKEN_PATH)
+    if not path.is_file():
+        raise ClusterError(
+            f"{path}: no service-account token to authenticate to KFP with (cluster.kfp_auth = "
+            f"{cluster.kfp_auth}); mount a projected token with audience "
+            f"pipelines.kubeflow.org there (manifests/pipelines/nightly-cronjob.yaml) or set "
+            f"{KF_PIPELINES_SA_TOKEN_ENV} to its path"
+        )
+    # Re-read on every request: the kubelet rotates a projected token before it expires.
+    return ServiceAccountTokenVolumeCredentials(path=str(path))
+
 
 def _client(cluster: ClusterSettings) -> Any:
     import kfp
@@ -145,7 +172,24 @@ def _client(cluster: ClusterSettings) -> Any:
             "cluster.kfp_host is not set: set it in the settings file or with "
             "DRSEG_CLUSTER__KFP_HOST=https://<kubeflow>/pipeline"
         )
-    return kfp.Client(host=cluster.kfp_host, namespace=cluster.namespace)
+    return kfp.Client(
+        host=cluster.kfp_host, namespace=cluster.namespace, credentials=_credentials(cluster)
+    )
+
+
+def active_run(client: Any, cluster: ClusterSettings) -> tuple[str, str] | None:
+    """(run id, state) of a run of cluster.experiment that has not finished, if any."""
+    experiment = client.create_experiment(cluster.experiment, namespace=cluster.namespace)
+    page = client.list_runs(
+        experiment_id=experiment.experiment_id,
+        namespace=cluster.namespace,
+        page_size=100,
+        sort_by="created_at desc",
+    )
+    for run in page.runs or []:
+        if run.state in ACTIVE_STATES:
+            return str(run.run_id), str(run.state)
+    return None
 
 
 def submit(
@@ -154,13 +198,21 @@ def submit(
     pool: str | None,
     run_name: str | None = None,
     cluster: ClusterSettings | None = None,
-) -> str:
-    """Start one run on the cluster (`cluster` or the settings' section); returns its id."""
+    unless_running: bool = False,
+) -> str | None:
+    """Start one run on the cluster (`cluster` or the settings' section); returns its id.
+
+    With `unless_running`, a run of the experiment that has not finished yet means no new
+    one (None is returned): what keeps a cron that only submits from stacking multi-hour
+    runs on the same GPUs.
+    """
     from drseg.run import pipeline_arguments
 
     cluster = cluster or settings.cluster
     arguments = pipeline_arguments(settings, source, pool)
     client = _client(cluster)
+    if unless_running and active_run(client, cluster) is not None:
+        return None
     with tempfile.TemporaryDirectory() as folder:
         package = compile_pipeline(
             Path(folder) / "training.yaml", cluster, settings.pretrain.include_labelled
@@ -182,9 +234,15 @@ def schedule(
     cron: str,
     name: str = "drseg-retraining",
     cluster: ClusterSettings | None = None,
+    catchup: bool = False,
 ) -> str:
     """Create a recurring run on the cluster; returns its id. The cron is checked first, so
-    a wrong schedule never reaches the cluster."""
+    a wrong schedule never reaches the cluster.
+
+    At most one of its runs at a time: a retraining that overruns its period must not start
+    a second one on the same GPUs. No catch-up by default: after the schedule was paused or
+    KFP was down, one run starts at the next tick, not one per missed tick.
+    """
     from drseg.run import pipeline_arguments
 
     cron = validate_cron(cron)
@@ -202,10 +260,8 @@ def schedule(
             cron_expression=cron,
             pipeline_package_path=str(package),
             params=arguments,
-            # A retraining that overruns its period must not start a second one on the
-            # same GPUs.
             max_concurrency=1,
-            no_catchup=True,
+            no_catchup=not catchup,
         )
     return str(job.recurring_run_id)
 
@@ -218,26 +274,32 @@ def compile_command(args: argparse.Namespace, settings: Settings) -> None:
     print(f"compiled the training pipeline to {out}")
 
 
-def _run_error(verb: str, exc: Exception) -> SystemExit:
-    return SystemExit(f"drseg pipeline {verb}: error: {exc}")
-
-
 def submit_command(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.run import RunError
 
     try:
-        run_id = submit(settings, args.source, args.pool, args.name)
-    except (ClusterError, RunError) as exc:
-        raise _run_error("submit", exc) from exc
+        run_id = submit(
+            settings, args.source, args.pool, args.name, unless_running=args.unless_running
+        )
+    except RunError as exc:
+        raise UserError(str(exc)) from exc
     host = settings.cluster.kfp_host
-    print(f"run {run_id} started on {host}")
+    if run_id is None:
+        print(
+            f"no run started: a run of experiment {settings.cluster.experiment!r} on {host} "
+            "has not finished yet"
+        )
+    else:
+        print(f"run {run_id} started on {host}")
 
 
 def schedule_command(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.run import RunError
 
     try:
-        job_id = schedule(settings, args.source, args.pool, args.cron, args.name)
-    except (ClusterError, RunError) as exc:
-        raise _run_error("schedule", exc) from exc
+        job_id = schedule(
+            settings, args.source, args.pool, args.cron, args.name, catchup=args.catchup
+        )
+    except RunError as exc:
+        raise UserError(str(exc)) from exc
     print(f"recurring run {job_id} ({args.name}) on cron {args.cron!r}")

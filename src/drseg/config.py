@@ -4,6 +4,13 @@ Precedence, lowest first: defaults in this file, the YAML file (``--config`` or
 ``DRSEG_CONFIG``), then environment variables ``DRSEG_<SECTION>__<FIELD>`` (for example
 ``DRSEG_INGEST__WORKING_WIDTH=2048``). S3 credentials also fall back to the usual AWS
 variables, so nothing secret needs to live in a file.
+
+An environment value is typed by its field, not guessed from its text:
+``DRSEG_TRACKING__EXPERIMENT=2024`` is the string "2024" and ``DRSEG_CLUSTER__NAMESPACE=no``
+the string "no", while a number or boolean field parses its text. A list or mapping field
+takes a YAML flow value (``DRSEG_MODEL__CLASSES="[MA, HE]"``) whose items are typed the same
+way. Checks that span sections (class-list lengths, sizes against the working width) run
+when the settings load, not hours into a run.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -25,6 +32,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from drseg.errors import UserError
 
 LESION_CLASSES: tuple[str, ...] = ("MA", "HE", "EX", "SE")
 """The four lesion classes the model segments, in channel order."""
@@ -45,9 +54,14 @@ class StorageSettings(Section):
     secret_access_key: SecretStr | None = None
 
 
+WORKING_WIDTHS = (128, 8192)
+"""Sane working widths, px: below 128 a microaneurysm is under a pixel and the U-Net's five
+halvings leave 4 px; above 8192 no fundus camera has the detail (IDRiD: 1024-2048)."""
+
+
 class IngestSettings(Section):
     layout: Literal["auto", "idrid", "generic", "unlabelled"] = "auto"
-    working_width: int = Field(1024, ge=64, le=8192)
+    working_width: int = 1024
     classes: tuple[str, ...] = (*LESION_CLASSES, "OD")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
@@ -58,13 +72,43 @@ class IngestSettings(Section):
     workers: int | None = Field(None, ge=1)
     """Processes; None means one per core."""
 
+    @field_validator("working_width")
+    @classmethod
+    def _sane_width(cls, value: int) -> int:
+        low, high = WORKING_WIDTHS
+        if not low <= value <= high:
+            raise ValueError(
+                f"working width {value} px is outside {low}..{high}: below {low} px lesions "
+                f"vanish (microaneurysms are ~4 px across at 1024); use 1024 or 2048"
+            )
+        return value
+
     @field_validator("classes")
     @classmethod
     def _upper_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        upper = tuple(c.upper() for c in value)
-        if len(set(upper)) != len(upper):
-            raise ValueError(f"classes must be unique, got {value}")
-        return upper
+        return _upper_unique(value)
+
+
+def _upper_unique(value: tuple[str, ...]) -> tuple[str, ...]:
+    upper = tuple(c.upper() for c in value)
+    if not upper or len(set(upper)) != len(upper):
+        raise ValueError(f"classes must be a non-empty list of unique names, got {list(value)}")
+    return upper
+
+
+SIZE_MULTIPLE = 32
+"""U-Net encoders downsample five times: image sides the graph sees are multiples of 2**5."""
+
+
+def check_side(value: int) -> int:
+    """A patch, crop or tile side: a positive multiple of SIZE_MULTIPLE."""
+    if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+        nearest = max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+        raise ValueError(
+            f"{value} is not a multiple of {SIZE_MULTIPLE} (the encoder halves it five times); "
+            f"use {nearest}"
+        )
+    return value
 
 
 class ClaheSettings(Section):
@@ -89,6 +133,11 @@ class ModelSettings(Section):
     reconstruction_weight: float = Field(0.1, ge=0.0)
     """Weight of the reconstruction loss; 0 turns the reconstruction head off."""
 
+    @field_validator("classes")
+    @classmethod
+    def _upper_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _upper_unique(value)
+
 
 class TrainingRunSettings(Section):
     """What a Lightning training stage (fine-tune, pretrain) needs of its run, in one place."""
@@ -107,9 +156,15 @@ class TrainingRunSettings(Section):
     num_workers: int = Field(2, ge=0)
     seed: int = 0
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_count(cls, value: object) -> object:
+        """A count from an environment variable arrives as text: "2" means two devices."""
+        return int(value) if isinstance(value, str) and value.isdigit() else value
+
 
 class FinetuneSettings(TrainingRunSettings):
-    patch_size: int = Field(512, ge=32)
+    patch_size: int = 512
     batch_size: int = Field(8, ge=1)
     schedule: Literal["cosine", "poly"] = "cosine"
     foreground_fraction: float = Field(0.6, ge=0.0, le=1.0)
@@ -122,6 +177,11 @@ class FinetuneSettings(TrainingRunSettings):
     reconstruction_loss: Literal["l1", "mse"] = "l1"
     reconstruction_input: Literal["clean", "noised", "masked"] = "masked"
 
+    @field_validator("patch_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        return check_side(value)
+
 
 class PretrainSettings(TrainingRunSettings):
     """SimCLR pretraining of the U-Net encoder on unlabelled photographs."""
@@ -129,7 +189,7 @@ class PretrainSettings(TrainingRunSettings):
     enabled: bool = True
     """The encoder initialisation: True fine-tunes from the SimCLR encoder, False from
     random weights (the pipeline's pretrain step then does no work)."""
-    crop_size: int = Field(256, ge=32)
+    crop_size: int = 256
     """Side of each view, in working-resolution pixels (a multiple of 32)."""
     min_fov_fraction: float = Field(0.8, ge=0.0, le=1.0)
     """Share of a crop that must lie inside the field of view."""
@@ -144,15 +204,25 @@ class PretrainSettings(TrainingRunSettings):
     default: it makes every change to the labelled set re-run pretraining in the pipeline
     (see pipelines/training.py), for a set that is small beside the pool."""
 
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        return check_side(value)
+
 
 class EvaluateSettings(Section):
-    tile_size: int = Field(512, ge=32)
+    tile_size: int = 512
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     tta_flips: bool = True
     batch_size: int = Field(4, ge=1)
     default_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     overlays: int = Field(4, ge=0)
     """Validation photographs drawn with prediction and ground truth."""
+
+    @field_validator("tile_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        return check_side(value)
 
 
 GateMetric = Literal["merged_dice", "dice", "aupr"]
@@ -187,9 +257,6 @@ class RegistrySettings(Section):
     model_name: str = Field("drseg-lesions", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """The MLflow registered model that passing models become versions of."""
 
-
-SIZE_MULTIPLE = 32
-"""U-Net encoders downsample five times: image sides the graph sees are multiples of 2**5."""
 
 Shape = tuple[int, int, int]
 """(batch, height, width) of the image input; channels are always 3."""
@@ -314,6 +381,12 @@ class ClusterSettings(Section):
     refuses namespaced experiments."""
     experiment: str = "drseg-training"
     """KFP experiment that runs and recurring runs are filed under."""
+    kfp_auth: Literal["none", "service-account-token"] = "none"
+    """How submit/schedule authenticate to the KFP API. "service-account-token": the pod's
+    projected service-account token (audience pipelines.kubeflow.org) at kfp's path,
+    KF_PIPELINES_SA_TOKEN_PATH or /var/run/secrets/kubeflow/pipelines/token, which a
+    multi-user Kubeflow requires of an in-cluster client (manifests/pipelines); "none": no
+    credentials (a single-user KFP)."""
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}
     )
@@ -442,15 +515,77 @@ class Settings(Section):
     tracking: TrackingSettings = TrackingSettings()
     rollout: RolloutSettings = RolloutSettings()
 
+    # Checks across sections: a mismatch fails in milliseconds at load, not hours into a run.
 
-class SettingsError(ValueError):
+    @model_validator(mode="after")
+    def _per_class_lists(self) -> Settings:
+        classes = self.model.classes
+        for name in ("class_sampling", "class_weights"):
+            values = getattr(self.finetune, name)
+            if len(values) != len(classes):
+                raise ValueError(
+                    f"finetune.{name} has {len(values)} values for the {len(classes)} "
+                    f"model.classes {list(classes)}; give one value per class, in that order"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _model_classes_are_ingested(self) -> Settings:
+        missing = [c for c in self.model.classes if c not in self.ingest.classes]
+        if missing:
+            raise ValueError(
+                f"model.classes {missing} are not in ingest.classes "
+                f"{list(self.ingest.classes)}: their masks would never be read; add them there"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gate_floors_name_model_classes(self) -> Settings:
+        unknown = sorted(set(self.gate.class_minimums) - set(self.model.classes))
+        if unknown:
+            raise ValueError(
+                f"gate.class_minimums names {unknown}, which are not in model.classes "
+                f"{list(self.model.classes)}; set gate.class_minimums for the model's classes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _patches_fit_the_width(self) -> Settings:
+        width = self.ingest.working_width
+        for name, side in (
+            ("finetune.patch_size", self.finetune.patch_size),
+            ("pretrain.crop_size", self.pretrain.crop_size),
+        ):
+            if side > width:
+                raise ValueError(
+                    f"{name} = {side} is wider than the photographs (ingest.working_width = "
+                    f"{width}); use at most {width // SIZE_MULTIPLE * SIZE_MULTIPLE}"
+                )
+        return self
+
+
+class SettingsError(UserError, ValueError):
     """A settings file or variable is wrong; the message names it and the fix."""
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+def _env_value(raw: str) -> Any:
+    """What pydantic types by the field: the text itself for a scalar, so a str field keeps
+    "2024" or "no" and a number or boolean field parses it; a YAML flow list or mapping
+    ("[MA, HE]", "{a: b}") as a list or dict of texts, typed item by item the same way."""
+    try:
+        value = yaml.load(raw, Loader=yaml.BaseLoader)
+    except yaml.YAMLError:
+        return raw
+    return value if isinstance(value, list | dict) else raw
+
+
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """(overrides, settings location -> the variable that set it)."""
     overrides: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
     if "DRSEG_HOME" in environ:
         overrides["home"] = environ["DRSEG_HOME"]
+        origin[("home",)] = "DRSEG_HOME"
     aws = {
         "access_key_id": environ.get("AWS_ACCESS_KEY_ID"),
         "secret_access_key": environ.get("AWS_SECRET_ACCESS_KEY"),
@@ -464,12 +599,9 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
-        try:
-            value: Any = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        overrides.setdefault(section, {})[field] = value
-    return overrides
+        overrides.setdefault(section, {})[field] = _env_value(raw)
+        origin[(section, field)] = key
+    return overrides, origin
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -480,6 +612,25 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def _problems(
+    exc: ValidationError, origin: dict[tuple[str, ...], str], fallback: str, prefix: str = ""
+) -> str:
+    """One line: each problem with its setting and where that setting came from."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(str(p) for p in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "no such setting; check the spelling (`drseg config show` lists them)"
+        if not loc:  # a check across sections: its message names the settings
+            problems.append(message)
+            continue
+        source = origin.get(loc[:2]) or origin.get(loc[:1]) or fallback
+        where = ".".join((prefix, *loc) if prefix else loc)
+        problems.append(f"{where} (from {source}): {message}")
+    return "; ".join(problems)
 
 
 def load_settings(
@@ -496,19 +647,31 @@ def load_settings(
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise SettingsError(f"{path}: not valid YAML ({exc}); fix the syntax") from exc
+            reason = " ".join(str(exc).split())
+            raise SettingsError(f"{path}: not valid YAML ({reason}); fix the syntax") from exc
         if not isinstance(loaded, dict):
             raise SettingsError(f"{path}: expected a mapping of sections at the top level")
         data = loaded
-    data = _merge(data, _env_overrides(environ))
+    overrides, origin = _env_overrides(environ)
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(_merge(data, overrides))
     except ValidationError as exc:
-        source = f"{path} and DRSEG_* variables" if path else "DRSEG_* variables"
-        problems = "\n".join(
-            f"  {'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-        )
-        raise SettingsError(f"invalid settings from {source}:\n{problems}") from exc
+        fallback = str(path) if path else "defaults"
+        raise SettingsError(f"invalid settings: {_problems(exc, origin, fallback)}") from exc
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+def with_options(section: SectionT, name: str, options: dict[str, Any]) -> SectionT:
+    """`section` with command-line `options` (field -> value, None: not given), checked as
+    the settings are: `drseg ingest --width 10` is refused like DRSEG_INGEST__WORKING_WIDTH=10."""
+    given = {field: value for field, value in options.items() if value is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as exc:
+        problems = _problems(exc, {}, "the command line", prefix=name)
+        raise SettingsError(f"invalid option: {problems}") from exc
 
 
 def settings_as_yaml(settings: Settings) -> str:

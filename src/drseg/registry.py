@@ -2,8 +2,10 @@
 @champion (the old one becomes @previous), and can be rolled back.
 
 Everything goes through an ``MlflowClient``, so nothing here changes mlflow's process-wide
-state. Models are addressed by version number or by alias, never by "latest", which moves
-under a reader's feet; aliases are lowercase. ``download`` fetches a model by alias through
+state, except for the span of the one call that creates a version (`_create_version`:
+MLflow's SQL registry store reads the process-wide tracking URI there). Models are addressed
+by version number or by alias, never by "latest", which moves under a reader's feet; aliases
+are lowercase. ``download`` fetches a model by alias through
 the client; ``model_uri`` is for mlflow's own loaders, which resolve ``models:/`` URIs
 through the process-wide tracking URI.
 
@@ -33,15 +35,21 @@ from typing import Any
 
 import mlflow.artifacts
 import mlflow.onnx
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
+from mlflow.models import Model, ModelSignature
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+from onnx import helper
 
 from drseg.artifacts import ONNX_FILE
+from drseg.config import SIZE_MULTIPLE
+from drseg.errors import UserError
 from drseg.gate import ChampionMetrics, GateVerdict, verdict_markdown, verdict_summary
 from drseg.tracking import TAG_DATASET_HASH, TAG_GIT_COMMIT, TAG_PIPELINE_RUN_ID
 
@@ -63,7 +71,7 @@ _REASON_LIMIT = 1000
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]*")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A registry operation cannot be done as asked; the message names the model and the fix."""
 
 
@@ -265,6 +273,36 @@ def _load_onnx(path: Path) -> onnx.ModelProto:
     return graph
 
 
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    """A graph input or output as MLflow sees it; a named (dynamic) dimension is -1."""
+    tensor = value.type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+    return TensorSpec(helper.tensor_dtype_to_np_dtype(tensor.elem_type), shape, value.name)
+
+
+def _signature(graph: onnx.ModelProto) -> tuple[ModelSignature, dict[str, np.ndarray]]:
+    """(signature, input example) read off the graph itself, so they hold for what is served.
+
+    The example is the smallest input the graph takes: batch 1 and every other dynamic side
+    SIZE_MULTIPLE, all zeros (for drseg's graph: a photograph of the training mean colour,
+    as normalised). It shows the layout; a real photograph is any size the contract allows.
+    """
+    weights = {init.name for init in graph.graph.initializer}
+    inputs: list[ColSpec | TensorSpec] = [
+        _tensor_spec(v) for v in graph.graph.input if v.name not in weights
+    ]
+    outputs: list[ColSpec | TensorSpec] = [_tensor_spec(v) for v in graph.graph.output]
+    example = {
+        spec.name: np.zeros(
+            [n if n > 0 else (1 if i == 0 else SIZE_MULTIPLE) for i, n in enumerate(spec.shape)],
+            spec.type,
+        )
+        for spec in inputs
+        if isinstance(spec, TensorSpec) and spec.name is not None
+    }
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs)), example
+
+
 def _write_model(
     local: Path,
     graph: onnx.ModelProto,
@@ -274,13 +312,17 @@ def _write_model(
     model_id: str,
     run_id: str,
 ) -> None:
-    """An MLflow ONNX model folder (loadable with mlflow.onnx / pyfunc) plus checkpoint/ and
-    evaluation/. Requirements are given, not inferred: inference imports the model in a
-    subprocess, which takes seconds and depends on the machine registering it."""
+    """An MLflow ONNX model folder (mlflow.onnx and pyfunc load it; signature and input
+    example from the graph) plus checkpoint/ and evaluation/. Requirements are given, not
+    inferred: inference imports the model in a subprocess, which takes seconds and depends
+    on the machine registering it."""
+    signature, example = _signature(graph)
     mlflow.onnx.save_model(
         graph,
         str(local),
         mlflow_model=Model(run_id=run_id, model_id=model_id),
+        signature=signature,
+        input_example=example,
         pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         save_as_external_data=False,
     )
@@ -304,6 +346,30 @@ def _ensure_registered(client: MlflowClient, name: str) -> None:
         # Another pipeline created it between our lookup and our create.
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def _create_version(
+    client: MlflowClient, name: str, model_id: str, run_id: str, tags: dict[str, str]
+) -> ModelVersion:
+    """A version whose source is models:/<model id>, as mlflow.register_model makes it: that
+    source is the link from a version to its logged model that MLflow's UI and loaders follow
+    (the SQL registry stores of MLflow 3.17 keep no model_id column, so ModelVersion.model_id
+    reads None there whatever is passed). Such a store resolves the source through the
+    process-wide tracking URI, hence this client's URI for the duration of the call."""
+    with _use_tracking_uri(client.tracking_uri):
+        return client.create_model_version(
+            name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+        )
+
+
+def linked_model_id(version: ModelVersion) -> str | None:
+    """The logged model a version was registered from: its model_id where the store keeps
+    one, else the id in its models:/<model id> source; None for a version made otherwise."""
+    if version.model_id:
+        return str(version.model_id)
+    prefix = "models:/m-"
+    source = str(version.source or "")
+    return source.removeprefix("models:/") if source.startswith(prefix) else None
 
 
 def register_model(
@@ -372,12 +438,7 @@ def register_model(
     client.finalize_logged_model(logged.model_id, "READY")
 
     _ensure_registered(client, name)
-    # The source is the logged model's folder, not models:/<model id>: MLflow 3.17's SQL
-    # registry store looks that URI up through the process-wide tracking URI, not this
-    # client's. model_id still links the version to the logged model.
-    version = client.create_model_version(
-        name, logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
-    )
+    version = _create_version(client, name, logged.model_id, run_id, tags)
     number = str(version.version)
     # What mlflow.register_model does too: the logged model lists its registered versions.
     versions = [{"name": name, "version": version.version}]
@@ -393,7 +454,7 @@ def register_model(
 def _version_number(version: int | str) -> str:
     text = str(version)
     if not text.isdigit():
-        raise ValueError(f"version {version!r}: pass a version number such as 3")
+        raise RegistryError(f"version {version!r} is not a version number; pass one such as 3")
     return text
 
 
@@ -405,8 +466,8 @@ def promote(
     @challenger is cleared when it pointed at `version` (it is no longer a challenger).
     Promoting the current champion changes and records nothing, so a retried step is safe.
     """
-    client = _client(client)
     number = _version_number(version)
+    client = _client(client)
     model = _registered(client, name)
     _version(client, name, number)
     aliases = _aliases(model)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
+import mlflow.pyfunc
+import numpy as np
+import onnxruntime
 import pytest
 from mlflow import MlflowClient
 
@@ -15,13 +17,16 @@ from drseg.registry import (
     alias_history,
     champion_metrics,
     download,
+    linked_model_id,
     promote,
     register_model,
 )
+from drseg.serving.client import prepare_photograph
 from drseg.tracking import stage_run
 from tests.integration.mlflow_server import ARTIFACTS_PREFIX, MlflowServer
 from tests.integration.s3_server import S3Server
-from tests.test_registry import relu_runs, write_model_files
+from tests.test_registry import CONTRACT, relu_runs, write_model_files, write_segmenter
+from tests.test_registry import _register as register
 
 pytestmark = pytest.mark.integration
 
@@ -75,8 +80,13 @@ def test_register_and_promote_on_the_server(
     assert champion is not None
     assert (champion["version"], champion["dataset_hash"]) == ("2", DATASET)
 
-    # The server chose where the model went, and serves it back by alias.
-    source = client.get_model_version(name, "2").source
+    # Linked to its logged model as mlflow.register_model links one; the server chose where
+    # the model went, and serves it back by alias.
+    version = client.get_model_version(name, "2")
+    model_id = linked_model_id(version)
+    assert model_id is not None and version.source == f"models:/{model_id}"
+    source = client.get_model_version_download_uri(name, "2")
+    assert source == client.get_logged_model(model_id).artifact_location
     assert source.startswith("mlflow-artifacts:/")
     number, fetched = download(uri, name, "champion", tmp_path / "fetched")
     assert number == "2"
@@ -86,8 +96,39 @@ def test_register_and_promote_on_the_server(
     # ... and the files really are objects in the S3 bucket, read back without MLflow.
     experiment = client.get_experiment_by_name(settings.experiment)
     assert experiment is not None
-    model_id = Path(urlparse(source).path).parent.name
     prefix = f"{ARTIFACTS_PREFIX}/{experiment.experiment_id}/models/{model_id}/artifacts/"
     listed = s3_server.client().list_objects_v2(Bucket=mlflow_server.bucket, Prefix=prefix)
     keys = {obj["Key"][len(prefix) :] for obj in listed.get("Contents", [])}
     assert {"MLmodel", "model.onnx", "checkpoint/model.pt", "evaluation/metrics.json"} <= keys
+    assert "serving_input_example.json" in keys
+
+
+def test_champion_loads_with_pyfunc_from_the_server(
+    mlflow_server: MlflowServer,
+    s3_server: S3Server,
+    synthetic_generic: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`mlflow.pyfunc.load_model("models:/drseg-lesions@champion")` against the server, which
+    fetches the version's files from S3: predict on a photograph's prepared array."""
+    for variable in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    uri = mlflow_server.uri
+    settings = TrackingSettings(uri=uri, experiment=f"drseg-{uuid.uuid4().hex[:8]}")
+    with stage_run(settings, tmp_path / "home", "register", pipeline_run_id="p-1") as run:
+        run_id = run.run_id
+    graph = write_segmenter(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    number = register(uri, "drseg-lesions", run_id, (graph, tmp_path / "model.pt"))
+    promote(uri, "drseg-lesions", number)
+    photograph = sorted((synthetic_generic / "images").iterdir())[0]
+    batch = prepare_photograph(photograph, CONTRACT).model_input[None]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/drseg-lesions@champion")
+    predicted = model.predict(batch)["probabilities"]
+
+    expected = onnxruntime.InferenceSession(str(graph)).run(None, {"image": batch})[0]
+    np.testing.assert_allclose(predicted, expected, rtol=1e-6)
+    assert model.metadata.get_input_schema().input_names() == ["image"]

@@ -1,21 +1,30 @@
 """`drseg <verb>`: one verb per pipeline step, plus `run` for the whole pipeline.
 
 Each module here declares the verbs of one concern (`add_verbs`); this one builds the parser
-and holds the one error handler.
+and holds the one error handler. Exit status, the same for every verb: 0 done; 1 the verb's
+verdict or check failed (a step of `drseg run`, an aborted canary); 2 could not act (bad
+settings, a wrong path or argument, a server that cannot be reached), printed as one line
+that names the problem and the fix, with the traceback only under `drseg --verbose`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from drseg.cli import cluster, data, model, serving, training
-from drseg.config import Settings, SettingsError, load_settings, settings_as_yaml
+from drseg.config import Settings, load_settings, settings_as_yaml
+from drseg.errors import UserError
 
 EPILOG = """\
 settings: defaults < YAML file (--config or DRSEG_CONFIG) < DRSEG_<SECTION>__<FIELD> variables,
 e.g. DRSEG_INGEST__WORKING_WIDTH=2048. `drseg config show` prints the effective settings.
+
+exit status: 0 done; 1 the verb's verdict or check failed (a step of `run`, the canary); 2
+could not act (the error line names the problem and the fix; --verbose adds the traceback).
 """
 
 
@@ -31,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="YAML settings file")
+    parser.add_argument(
+        "--verbose",
+        dest="traceback",
+        action="store_true",
+        help="on an error, print its traceback too",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for module in (training, data, model, serving, cluster):
         module.add_verbs(verbs)
@@ -43,15 +58,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def _legacy_user_errors() -> tuple[type[Exception], ...]:
+    """Errors of modules that predate drseg.errors and mean the same as UserError. Imported
+    only once something failed, so a quick verb does not pay for them."""
     from drseg.data.dataset import DatasetError
     from drseg.data.ingest import IngestError
     from drseg.data.storage import StorageError
+    from drseg.tracking import TrackingError
 
+    return DatasetError, IngestError, StorageError, TrackingError
+
+
+def _unreachable(exc: BaseException) -> OSError | None:
+    """The refused or failed connection under an exception (MLflow wraps it in its own)."""
+    seen: BaseException | None = exc
+    found = None
+    while seen is not None:
+        if isinstance(seen, OSError):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
+def _mlflow_message(exc: Exception, tracking: str | None) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return None
+    # Only the host: a tracking URI may carry credentials.
+    host = urlsplit(tracking).hostname if tracking else None
+    where = f" at {host}" if host else ""
+    cause = _unreachable(exc)
+    if cause is not None:
+        reason = cause.strerror or type(cause).__name__
+        return (
+            f"cannot reach the MLflow tracking server{where} ({reason}); start it, or point "
+            "tracking.uri (DRSEG_TRACKING__URI) at one that runs"
+        )
+    if exc.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return (
+            f"the MLflow tracking server{where} refused the request ({exc.error_code}); set "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or the token) it accepts"
+        )
+    return None
+
+
+def user_message(exc: Exception, settings: Settings | None = None) -> str | None:
+    """The one line to print for an error the user can fix; None for a bug."""
+    if isinstance(exc, (UserError, *_legacy_user_errors())):
+        return str(exc)
+    if isinstance(exc, OSError):
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}; check the path and its permissions"
+        return str(exc)
+    tracking = settings.tracking.uri if settings is not None else None
+    return _mlflow_message(exc, tracking)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one verb; the single place where drseg reports an error to the user."""
+    args = build_parser().parse_args(argv)
+    settings = None
     try:
         settings = load_settings(args.config)
         args.handler(args, settings)
-    except (SettingsError, IngestError, StorageError, DatasetError, FileExistsError) as exc:
-        print(f"drseg {args.verb}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    except Exception as exc:
+        message = user_message(exc, settings)
+        # A bug keeps its traceback, which is what a report needs; its status is still 2,
+        # not Python's 1, which would read as a failed verdict.
+        trace = traceback.format_exc() if message is None or args.traceback else ""
+        if message is None:
+            message = f"internal error ({type(exc).__name__}); please report it with the above"
+        sys.stderr.write(f"{trace}drseg {args.verb}: error: {' '.join(message.split())}\n")
+        raise SystemExit(2) from None

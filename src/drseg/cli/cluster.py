@@ -24,6 +24,12 @@ def add_verbs(verbs: Verbs) -> None:
     submit.add_argument("--source", required=True, help="s3:// prefix to train on")
     submit.add_argument("--pool", help="s3:// prefix of unlabelled photographs to pretrain on")
     submit.add_argument("--name", help="run name (default: the pipeline's name and the time)")
+    submit.add_argument(
+        "--unless-running",
+        action="store_true",
+        help="start nothing while a run of cluster.experiment has not finished (for a cron "
+        "that only submits: runs take hours)",
+    )
     schedule = pipeline_verbs.add_parser("schedule", help="recurring run on cluster.kfp_host")
     schedule.set_defaults(handler=cluster.schedule_command)
     schedule.add_argument(
@@ -32,6 +38,12 @@ def add_verbs(verbs: Verbs) -> None:
     schedule.add_argument("--source", required=True, help="s3:// prefix to train on")
     schedule.add_argument("--pool", help="s3:// prefix of unlabelled photographs to pretrain on")
     schedule.add_argument("--name", default="drseg-retraining", help="recurring run name")
+    schedule.add_argument(
+        "--catchup",
+        action="store_true",
+        help="after a pause or an outage, start one run per missed period (default: one run "
+        "at the next period); never more than one run at a time either way",
+    )
 
     rollout = add_verb(
         verbs,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from drseg.cli.verb import Verbs, add_verb
-from drseg.config import Settings
+from drseg.config import Settings, with_options
 
 
 def _synth(args: argparse.Namespace, settings: Settings) -> None:
@@ -27,8 +27,8 @@ def _synth(args: argparse.Namespace, settings: Settings) -> None:
 def _ingest(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.data.ingest import format_summary, ingest
 
-    overrides = {k: v for k, v in (("layout", args.layout), ("working_width", args.width)) if v}
-    ingest_settings = settings.ingest.model_copy(update=overrides)
+    options = {"layout": args.layout, "working_width": args.width}
+    ingest_settings = with_options(settings.ingest, "ingest", options)
     result = ingest(args.source, args.out, ingest_settings, settings.storage)
     print(format_summary(result.summary))
     for problem in result.quarantined:

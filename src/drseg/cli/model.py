@@ -6,6 +6,7 @@ import argparse
 
 from drseg.cli.verb import Verbs, add_verb
 from drseg.config import Settings
+from drseg.errors import UserError
 
 
 def _registry(args: argparse.Namespace, settings: Settings) -> None:
@@ -16,7 +17,7 @@ def _registry(args: argparse.Namespace, settings: Settings) -> None:
     name = settings.registry.model_name
     if args.action == "promote":
         if args.version is None:
-            raise SystemExit("drseg registry promote: give the VERSION to promote")
+            raise UserError("registry promote needs the VERSION to promote, e.g. 3")
         registry.promote(uri, name, args.version, reason=args.reason)
         print(f"{name}: version {args.version} is @champion")
     elif args.action == "rollback":

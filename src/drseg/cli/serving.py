@@ -7,6 +7,7 @@ from pathlib import Path
 
 from drseg.cli.verb import Verbs, add_verb
 from drseg.config import Settings
+from drseg.errors import UserError
 
 
 def _repository(args: argparse.Namespace, settings: Settings) -> Path:
@@ -17,7 +18,7 @@ def _repository(args: argparse.Namespace, settings: Settings) -> Path:
     try:
         return latest_repository(settings.home)
     except RunError as exc:
-        raise SystemExit(f"drseg {args.verb}: {exc}") from exc
+        raise UserError(str(exc)) from exc
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -46,7 +47,7 @@ def _predict(args: argparse.Namespace, settings: Settings) -> None:
         )
     except (ValueError, FileNotFoundError, InferenceServerException) as exc:
         # A bad photograph or an unreachable server: the message names it and the fix.
-        raise SystemExit(f"drseg predict: error: {exc}") from exc
+        raise UserError(str(exc)) from exc
     for result in results:
         found = ", ".join(f"{cls} {info['components']}" for cls, info in result.classes.items())
         seconds = result.total_seconds

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from drseg.cli.verb import Verbs, add_verb, pipeline_run_id
 from drseg.config import Settings
+from drseg.errors import UserError
 
 
 def _pretrain(args: argparse.Namespace, settings: Settings) -> None:
@@ -74,7 +75,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> None:
     try:
         run = run_pipeline(settings, args.source, args.pool, verbose=args.verbose)
     except RunError as exc:
-        raise SystemExit(f"drseg run: {exc}") from exc
+        raise UserError(str(exc)) from exc
     summary = json.loads((run / "summary.json").read_text())
     print(format_run_summary(summary, run))
     if summary["status"] == "failed":

@@ -203,7 +203,9 @@ def test_triton_probes_ports_gpu_latency_summaries_and_s3_secret() -> None:
 
 
 def _weights(rollout: dict[str, Any]) -> list[int]:
-    return [s["setWeight"] for s in rollout["spec"]["strategy"]["canary"]["steps"] if "setWeight" in s]
+    return [
+        s["setWeight"] for s in rollout["spec"]["strategy"]["canary"]["steps"] if "setWeight" in s
+    ]
 
 
 def test_basic_canary_weights_are_whole_pods() -> None:
@@ -251,7 +253,9 @@ def test_analysis_steps_name_templates_and_give_every_argument(kustomization: st
     templates = {
         d["metadata"]["name"]: d for d in render(kustomization) if d["kind"] == "AnalysisTemplate"
     }
-    steps = [s["analysis"] for s in rollout["spec"]["strategy"]["canary"]["steps"] if "analysis" in s]
+    steps = [
+        s["analysis"] for s in rollout["spec"]["strategy"]["canary"]["steps"] if "analysis" in s
+    ]
     assert steps, "no analysis step"
     used = set()
     for step in steps:

@@ -75,10 +75,12 @@ def running_prometheus(work: Path, scrape_configs: list[dict[str, Any]]) -> Iter
         while True:
             if process.poll() is not None:
                 pytest.fail(f"prometheus exited with {process.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as reply:
-                    if reply.status == 200:
-                        break
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/-/ready", timeout=1) as reply,
+            ):
+                if reply.status == 200:
+                    break
             if time.monotonic() > deadline:
                 pytest.fail(f"prometheus not ready after {READY_TIMEOUT_S:.0f} s")
             time.sleep(0.2)

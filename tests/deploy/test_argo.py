@@ -8,6 +8,7 @@ MLflow registry (SQLite). Every verb's API calls are then compared with the Role
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,33 +163,51 @@ def test_promote_and_abort_patch_what_kubectl_argo_rollouts_does(kube: Emulator)
     assert kube.rollout()["status"]["abort"] is False
 
 
-@pytest.fixture
-def cli_env(
-    kube: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[str, str]]:
-    """KUBECONFIG on the emulator, a SQLite registry with versions 1 (@champion) and 2, and
-    version 2 published in a local folder standing in for the object store."""
-    home = tmp_path / "home"
-    uri = f"sqlite:///{home}/mlflow.db"
+@dataclass(frozen=True)
+class Registry:
+    home: Path
+    uri: str
+    run_id: str
+    files: tuple[Path, Path]
+
+
+@pytest.fixture(scope="module")
+def registry_db(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """One SQLite registry for the module (creating one takes seconds); each test registers
+    a model of its own."""
+    home = tmp_path_factory.mktemp("registry")
     with stage_run(
         TrackingSettings(experiment="rollout"), home, "register", pipeline_run_id="p-1"
     ) as run:
         run_id = run.run_id
-    (tmp_path / "model").mkdir()
-    files = write_model_files(tmp_path / "model")
-    name = "seg-rollout"
+    (home / "model").mkdir()
+    uri = f"sqlite:///{home}/mlflow.db"
+    return Registry(home, uri, run_id, write_model_files(home / "model"))
+
+
+@pytest.fixture
+def cli_env(
+    kube: Emulator,
+    registry_db: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[str, str]]:
+    """KUBECONFIG on the emulator, a model with versions 1 (@champion) and 2, and version 2
+    published in a local folder standing in for the object store."""
+    name = f"seg-{request.node.name}"
     for _ in range(2):
-        _register(uri, name, run_id, files)
-    registry.promote(uri, name, 1)
+        _register(registry_db.uri, name, registry_db.run_id, registry_db.files)
+    registry.promote(registry_db.uri, name, 1)
     store = tmp_path / "store"
     (store / "2").mkdir(parents=True)
     (store / "2" / MARKER).write_text('{"files": {}}')
     monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.setenv("DRSEG_HOME", str(home))
+    monkeypatch.setenv("DRSEG_HOME", str(registry_db.home))
     monkeypatch.setenv("DRSEG_REGISTRY__MODEL_NAME", name)
     monkeypatch.setenv("DRSEG_ROLLOUT__REPOSITORY_URI", f"{store}/{{version}}")
     monkeypatch.setenv("DRSEG_ROLLOUT__PROMOTE_TIMEOUT_S", "0")
-    yield uri, name
+    yield registry_db.uri, name
 
 
 def _status(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

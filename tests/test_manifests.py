@@ -24,7 +24,8 @@ from drseg import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
-ARGO_CRDS = REPO.parent.parent / "shared" / "schemas" / "argo-rollouts"
+ARGO_CRDS_IN = Path("shared", "schemas", "argo-rollouts")
+"""The Argo Rollouts CRDs, unmodified, beside the checkout (../shared, STACK.md)."""
 KUBERNETES_VERSION = "1.37.0"
 KUSTOMIZATIONS = sorted(
     p.parent.relative_to(MANIFESTS).as_posix() for p in MANIFESTS.rglob("kustomization.yaml")
@@ -93,8 +94,19 @@ def _structural(node: Any) -> Any:
 
 
 @cache
+def argo_crds() -> Path:
+    for parent in REPO.parents:
+        if (parent / ARGO_CRDS_IN).is_dir():
+            return parent / ARGO_CRDS_IN
+    pytest.fail(
+        f"no {ARGO_CRDS_IN} above {REPO}: put the Argo Rollouts CRDs (argoproj/argo-rollouts "
+        "manifests/crds) there to validate the Rollout and AnalysisTemplates"
+    )
+
+
+@cache
 def argo_schema(kind: str) -> dict[str, Any]:
-    crd = yaml.safe_load((ARGO_CRDS / ARGO_KINDS[kind]).read_text())
+    crd = yaml.safe_load((argo_crds() / ARGO_KINDS[kind]).read_text())
     (version,) = (v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
     schema: dict[str, Any] = _structural(version["schema"]["openAPIV3Schema"])
     return schema

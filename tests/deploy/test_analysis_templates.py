@@ -92,6 +92,7 @@ def toy_triton(
             metrics_address="127.0.0.1",
             metrics_port=metrics,
             metrics_config=["summary_latencies=true"],
+            exit_timeout_secs=1,
         )
     )
     try:

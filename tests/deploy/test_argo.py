@@ -297,3 +297,9 @@ def test_the_role_grants_exactly_the_calls_the_verbs_make(
     main(["rollout", "start", "--version", "2", "--retry"])
     main(["rollout", "promote", "--full"])
     assert kube.calls() == _role_calls()
+
+
+def test_start_names_a_missing_container(kube: Emulator) -> None:
+    wrong = SETTINGS.model_copy(update={"container": "server"})
+    with pytest.raises(RolloutError, match=r"no container 'server'.*set rollout\.container"):
+        argo.set_version(kube.kube(), wrong, 7, URI)

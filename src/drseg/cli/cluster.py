@@ -11,7 +11,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -157,7 +157,7 @@ def publish_command(args: argparse.Namespace, settings: Settings) -> None:
     print(f"{state} version {args.version}: {len(published.files)} files at {published.uri}")
 
 
-def _graphs(settings: Settings, folder: Path) -> functools._lru_cache_wrapper[Path]:
+def _graphs(settings: Settings, folder: Path) -> Callable[[str], Path]:
     """A version's registered model.onnx, downloaded once per version."""
     from drseg import registry
     from drseg.tracking import tracking_uri

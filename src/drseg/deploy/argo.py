@@ -74,7 +74,13 @@ def set_version(
         )
     template = copy.deepcopy(rollout["spec"]["template"])
     template.setdefault("metadata", {}).setdefault("labels", {})[VERSION_LABEL] = wanted
-    (container,) = (c for c in template["spec"]["containers"] if c["name"] == settings.container)
+    named = [c for c in template["spec"]["containers"] if c["name"] == settings.container]
+    if len(named) != 1:
+        raise RolloutError(
+            f"Rollout {settings.rollout!r} has no container {settings.container!r} in its pod "
+            "template; set rollout.container"
+        )
+    container = named[0]
     env = [e for e in container.get("env") or [] if e["name"] != REPOSITORY_ENV]
     container["env"] = [*env, {"name": REPOSITORY_ENV, "value": repository_uri}]
     patch = {"metadata": {"labels": {VERSION_LABEL: wanted}}, "spec": {"template": template}}

@@ -83,7 +83,13 @@ def published_files(target: Storage) -> dict[str, str] | None:
         if isinstance(cause, FileNotFoundError) or code == "NoSuchKey":
             return None
         raise
-    files: dict[str, str] = json.loads(raw)["files"]
+    try:
+        files: dict[str, str] = json.loads(raw)["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PublishError(
+            f"{target.describe(MARKER)}: unreadable marker ({exc}); publish the version again "
+            "after deleting the marker"
+        ) from exc
     return files
 
 

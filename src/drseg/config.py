@@ -391,8 +391,9 @@ class RolloutSettings(Section):
     """A labelled dataset (`drseg ingest` output: images/, masks/, manifest.json), local or
     s3://, that `drseg probe` segments on both tracks."""
     probe_tolerance: float = Field(0.02, gt=0)
-    """Largest |canary - registered graph| probability allowed: ONNX Runtime on the CPU vs a
-    TensorRT plan (FP16) on a GPU differ by up to ~1e-2; a wrong graph by far more."""
+    """Largest |canary - registered graph| probability allowed. Room for an FP16 TensorRT
+    plan against ONNX Runtime in FP32 (not measured here: no TensorRT on these machines;
+    tighten it once measured on the GPU nodes); a wrong graph differs by tenths."""
     max_dice_drop: float = Field(0.05, ge=0, le=1)
     """How far the canary's Dice may fall below stable's, per class, on the probe set."""
     probe_timeout_s: float = Field(120.0, gt=0)

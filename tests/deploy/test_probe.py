@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,18 @@ def test_an_unreachable_canary_fails_in_the_cli(
     assert exited.value.code == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"drseg probe: fail: 127.0.0.1:{port}: ")
+
+
+def test_truth_masks_follow_the_served_size() -> None:
+    """A probe set ingested at another width than the model's: the truth is resized (nearest)
+    to the served masks, and a class without a mask file is all-negative."""
+    from drseg.deploy.probe import _truth
+
+    mask = np.zeros((10, 16), bool)
+    mask[2:6, 4:10] = True
+    case = ProbeCase(Path("photo.tif"), {"HE": mask})
+    truth = _truth(case, ("MA", "HE"), (20, 32))
+    assert truth.shape == (2, 20, 32)
+    assert not truth[0].any()
+    assert truth[1].sum() == 4 * mask.sum()
+    assert truth[1, 4:12, 8:20].all()

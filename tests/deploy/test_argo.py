@@ -56,6 +56,26 @@ def _argo(kube: Emulator, stable: str, current: str, step: int, **extra: Any) ->
     kube.patch(ROLLOUTS, "triton", {"status": status})
 
 
+def _stable_replica_set(kube: Emulator, pod_hash: str, version: str) -> None:
+    """The ReplicaSet Argo keeps for the stable revision (what serves `version`)."""
+    labels = {argo.HASH_LABEL: pod_hash}
+    kube.put(
+        REPLICA_SETS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "ReplicaSet",
+            "metadata": {"name": f"triton-{pod_hash}", "labels": labels},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": {argo.VERSION_LABEL: version, **labels}},
+                    "spec": {"containers": [{"name": "triton", "image": "triton"}]},
+                },
+            },
+        },
+    )
+
+
 def test_start_sets_the_version_on_the_template_only(kube: Emulator) -> None:
     before = kube.rollout()
     argo.set_version(kube.kube(), SETTINGS, 7, URI)
@@ -82,21 +102,7 @@ def test_start_refuses_while_another_canary_is_under_way(kube: Emulator) -> None
 
 
 def test_status_reads_the_rollout_its_analysis_and_stable(kube: Emulator) -> None:
-    kube.put(
-        REPLICA_SETS,
-        {
-            "apiVersion": "apps/v1",
-            "kind": "ReplicaSet",
-            "metadata": {"name": "triton-hash-0", "labels": {argo.HASH_LABEL: "hash-0"}},
-            "spec": {
-                "selector": {"matchLabels": {argo.HASH_LABEL: "hash-0"}},
-                "template": {
-                    "metadata": {"labels": {argo.VERSION_LABEL: "6", argo.HASH_LABEL: "hash-0"}},
-                    "spec": {"containers": [{"name": "triton", "image": "triton"}]},
-                },
-            },
-        },
-    )
+    _stable_replica_set(kube, "hash-0", "6")
     for name, pod_hash, owner, phase in (
         ("triton-hash-7-2", "hash-7", "triton", "Running"),
         ("triton-hash-7-1", "hash-7", "triton", "Successful"),
@@ -230,21 +236,7 @@ def test_cli_champion_moves_when_and_only_when_fully_promoted(
     main(["rollout", "start", "--version", "2"])
     capsys.readouterr()
     _argo(kube, "hash-1", "hash-2", 4)  # every analysis passed; paused for an operator
-    kube.put(
-        REPLICA_SETS,
-        {
-            "apiVersion": "apps/v1",
-            "kind": "ReplicaSet",
-            "metadata": {"name": "triton-hash-1", "labels": {argo.HASH_LABEL: "hash-1"}},
-            "spec": {
-                "selector": {"matchLabels": {argo.HASH_LABEL: "hash-1"}},
-                "template": {
-                    "metadata": {"labels": {argo.VERSION_LABEL: "1"}},
-                    "spec": {"containers": [{"name": "triton", "image": "triton"}]},
-                },
-            },
-        },
-    )
+    _stable_replica_set(kube, "hash-1", "1")
     assert _status(capsys)["drift"] is None
     main(["rollout", "promote"])
     assert "@champion stays at 1" in capsys.readouterr().out

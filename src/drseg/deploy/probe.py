@@ -3,8 +3,9 @@
 On a fixed labelled probe set (a `drseg ingest` dataset: photographs and lesion masks):
 (1) the canary serves exactly the version that passed the gate: it says it serves that
 version, and its probabilities equal ONNX Runtime's on the registered graph of the version
-within `rollout.probe_tolerance` (a wrong repository, a bad TensorRT build or drifted
-preprocessing shows here); (2) its Dice against the masks, per lesion class and pooled over
+within `rollout.probe_tolerance`, on the same input (a wrong repository or a bad TensorRT
+build shows here; preprocessing runs in the client from the registered graph's contract,
+the same for both sides); (2) its Dice against the masks, per lesion class and pooled over
 the probe set, is no more than `rollout.max_dice_drop` below stable's. A retrained model
 may draw other lesions than stable: it is judged against the truth, not against stable's
 masks. Each track is queried exactly as `drseg predict` queries it, with its own version's
@@ -208,7 +209,7 @@ def probe(
             False,
             f"(1) version {version} on the canary differs from its registered graph by up to "
             f"{worst:.4f} (> {settings.probe_tolerance:g}) on {worst_photo}: wrong repository, "
-            "a bad TensorRT build or drifted preprocessing",
+            "or a bad TensorRT build",
         )
     dice = {name: _dice(c) for name, c in counts.items()}
     table = ", ".join(

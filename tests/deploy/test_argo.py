@@ -7,6 +7,9 @@ MLflow registry (SQLite). Every verb's API calls are then compared with the Role
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +32,10 @@ from tests.kube_emulator import (
     ROLLOUTS,
     Emulator,
     argo_status,
+    manifest,
     triton_cluster,
 )
+from tests.test_manifests import _kubectl
 from tests.test_registry import _aliases, _register, write_model_files
 
 SETTINGS = RolloutSettings()
@@ -217,8 +222,6 @@ def cli_env(
 
 
 def _status(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    import json
-
     main(["rollout", "status"])
     found: dict[str, Any] = json.loads(capsys.readouterr().out)
     return found
@@ -295,3 +298,29 @@ def test_start_names_a_missing_container(kube: Emulator) -> None:
     wrong = SETTINGS.model_copy(update={"container": "server"})
     with pytest.raises(RolloutError, match=r"no container 'server'.*set rollout\.container"):
         argo.set_version(kube.kube(), wrong, 7, URI)
+
+
+def test_the_readme_kubectl_patch_makes_the_same_change_as_start(
+    kube: Emulator, tmp_path: Path
+) -> None:
+    """The kubectl-only path of the README sets exactly what `drseg rollout start` sets."""
+    readme = (MANIFESTS.parent / "README.md").read_text()
+    found = re.search(r"kubectl patch rollout triton --type json -p '(.*?)'", readme, re.S)
+    assert found, "README: no kubectl patch of the Rollout"
+    source = tmp_path / "rollout.yaml"
+    source.write_text(
+        yaml.safe_dump(manifest(MANIFESTS / "base" / "triton-rollout.yaml", "Rollout"))
+    )
+    command = [_kubectl(), "patch", "--local", "-f", str(source), "--type", "json"]
+    patched = subprocess.run(
+        [*command, "-p", found.group(1), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    by_kubectl = json.loads(patched.stdout)
+    argo.set_version(kube.kube(), SETTINGS, 7, URI)
+    by_drseg = kube.rollout()
+    assert by_kubectl["spec"]["template"] == by_drseg["spec"]["template"]
+    assert by_kubectl["metadata"]["labels"] == by_drseg["metadata"]["labels"]

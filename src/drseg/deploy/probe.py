@@ -208,7 +208,7 @@ def probe(
         return Verdict(
             False,
             f"(1) version {version} on the canary differs from its registered graph by up to "
-            f"{worst:.4f} (> {settings.probe_tolerance:g}) on {worst_photo}: wrong repository, "
+            f"{worst:.4f} (> {settings.probe_tolerance:g}) on {worst_photo}: a wrong repository "
             "or a bad TensorRT build",
         )
     dice = {name: _dice(c) for name, c in counts.items()}

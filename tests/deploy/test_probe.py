@@ -22,12 +22,14 @@ import torch
 from drseg.cli import main
 from drseg.config import ExportSettings, RolloutSettings, ServeSettings
 from drseg.data.ingest import ingest
+from drseg.data.storage import upload_tree
 from drseg.data.synthetic import write_synthetic_dataset
 from drseg.deploy.probe import ProbeCase, load_probe_set, probe
 from drseg.export.onnx_export import export_onnx
 from drseg.serving.repository import write_repository
 from drseg.serving.server import RunningServer, running_server
 from tests.export import CLAHE, INGEST, write_metrics, write_tiny_model
+from tests.integration.s3_server import S3Server
 from tests.ports import free_ports
 
 pytestmark = pytest.mark.integration
@@ -161,3 +163,31 @@ def test_truth_masks_follow_the_served_size() -> None:
     assert not truth[0].any()
     assert truth[1].sum() == 4 * mask.sum()
     assert truth[1, 4:12, 8:20].all()
+
+
+def test_the_probe_set_can_live_in_s3(
+    tracks: Tracks,
+    s3_server: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """As on the cluster: the Job downloads the probe set, then gives its verdict."""
+    root = tracks.cases[0].photo.parents[1]
+    upload_tree(root, f"s3://{s3_bucket}/probe-set", s3_server.settings())
+    for key, value in {
+        "DRSEG_HOME": str(tmp_path),
+        "DRSEG_ROLLOUT__PROBE_SET": f"s3://{s3_bucket}/probe-set",
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_ENDPOINT_URL_S3": s3_server.endpoint_url,
+        "AWS_REGION": s3_server.region,
+    }.items():
+        monkeypatch.setenv(key, value)
+    url = tracks.blind.http_url
+    with pytest.raises(SystemExit) as exited:
+        main(["probe", "--version", "3", "--canary", url, "--stable", url])
+    assert exited.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"drseg probe: fail: the canary at {url} serves versions ['5']")

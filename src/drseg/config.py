@@ -377,8 +377,8 @@ class RolloutSettings(Section):
     """The canary on Argo Rollouts (`drseg publish`, `drseg rollout`, `drseg probe`)."""
 
     namespace: str = "default"
-    rollout: str = "triton"
-    """The Rollout in manifests/base."""
+    name: str = "triton"
+    """The Rollout (manifests/base)."""
     container: str = "triton"
     repository_uri: str = "s3://drseg-models/triton/{version}"
     """Where a version's Triton repository is published and served from; ``{version}`` is

@@ -221,9 +221,9 @@ def rollout_start_command(args: argparse.Namespace, settings: Settings) -> None:
         kube = KubeRollouts.from_environment(settings.rollout.namespace)
         argo.set_version(kube, settings.rollout, args.version, uri, retry=args.retry)
     print(
-        f"Rollout {settings.rollout.rollout}: template set to version {args.version}; Argo runs "
+        f"Rollout {settings.rollout.name}: template set to version {args.version}; Argo runs "
         f"the canary steps (`drseg rollout status` or `kubectl argo rollouts get rollout "
-        f"{settings.rollout.rollout} --watch`)"
+        f"{settings.rollout.name} --watch`)"
     )
 
 
@@ -271,7 +271,7 @@ def rollout_promote_command(args: argparse.Namespace, settings: Settings) -> Non
         print(f"version {status.stable_version} is stable and @champion ({link.champion})")
     else:
         print(
-            f"Rollout {settings.rollout.rollout} at step {status.step}/{status.steps} "
+            f"Rollout {settings.rollout.name} at step {status.step}/{status.steps} "
             f"({status.phase}: {status.message or 'no message'}); @champion stays at "
             f"{link.champion}: promote again at the next pause"
         )
@@ -284,4 +284,4 @@ def rollout_abort_command(args: argparse.Namespace, settings: Settings) -> None:
     with _exits("rollout abort"):
         kube = KubeRollouts.from_environment(settings.rollout.namespace)
         argo.abort(kube, settings.rollout)
-    print(f"Rollout {settings.rollout.rollout}: aborted; all traffic back on stable")
+    print(f"Rollout {settings.rollout.name}: aborted; all traffic back on stable")

@@ -55,7 +55,7 @@ def set_version(
     """Point the Rollout's template at `version` (Argo starts the canary). Idempotent; refuses
     while another version's canary is under way. `retry` restarts an aborted one, as
     `kubectl argo rollouts retry rollout` does."""
-    rollout = cluster.get_rollout(settings.rollout)
+    rollout = cluster.get_rollout(settings.name)
     current, status = template_version(rollout), _status(rollout)
     wanted = str(version)
     if current == wanted:
@@ -65,7 +65,7 @@ def set_version(
                     f"the canary of version {wanted} was aborted "
                     f"({status.get('message') or 'no message'}); fix the cause and pass --retry"
                 )
-            return cluster.patch_rollout_status(settings.rollout, {"status": {"abort": False}})
+            return cluster.patch_rollout_status(settings.name, {"status": {"abort": False}})
         return rollout
     if not fully_promoted(rollout) and not status.get("abort") and status.get("stableRS"):
         raise RolloutError(
@@ -77,14 +77,14 @@ def set_version(
     named = [c for c in template["spec"]["containers"] if c["name"] == settings.container]
     if len(named) != 1:
         raise RolloutError(
-            f"Rollout {settings.rollout!r} has no container {settings.container!r} in its pod "
+            f"Rollout {settings.name!r} has no container {settings.container!r} in its pod "
             "template; set rollout.container"
         )
     container = named[0]
     env = [e for e in container.get("env") or [] if e["name"] != REPOSITORY_ENV]
     container["env"] = [*env, {"name": REPOSITORY_ENV, "value": repository_uri}]
     patch = {"metadata": {"labels": {VERSION_LABEL: wanted}}, "spec": {"template": template}}
-    return cluster.patch_rollout(settings.rollout, patch)
+    return cluster.patch_rollout(settings.name, patch)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def _canary_weight(rollout: Obj) -> int:
 
 
 def read_status(cluster: RolloutCluster, settings: RolloutSettings) -> RolloutStatus:
-    rollout = cluster.get_rollout(settings.rollout)
+    rollout = cluster.get_rollout(settings.name)
     status = _status(rollout)
     return RolloutStatus(
         phase=str(status.get("phase", "")),
@@ -181,7 +181,7 @@ def _inconclusive(rollout: Obj) -> bool:
 def promote(cluster: RolloutCluster, settings: RolloutSettings, *, full: bool = False) -> Obj:
     """`kubectl argo rollouts promote [--full]`: unpause, clear the pause conditions or skip
     the current step; with `full`, skip every remaining step and analysis."""
-    name = settings.rollout
+    name = settings.name
     rollout = cluster.get_rollout(name)
     status = _status(rollout)
     if status.get("abort"):
@@ -227,4 +227,4 @@ def pauses_ahead(rollout: Obj) -> bool:
 def abort(cluster: RolloutCluster, settings: RolloutSettings) -> Obj:
     """`kubectl argo rollouts abort`: Argo scales the canary down and routes everything to
     stable; the analysis is stopped."""
-    return cluster.patch_rollout_status(settings.rollout, {"status": {"abort": True}})
+    return cluster.patch_rollout_status(settings.name, {"status": {"abort": True}})

@@ -68,7 +68,7 @@ class KubeRollouts:
                 raise RolloutError(
                     f"Rollout {name!r} not found in namespace {self.namespace!r}: install Argo "
                     "Rollouts and `kubectl apply -k manifests/base`, or set rollout.namespace "
-                    "/ rollout.rollout"
+                    "/ rollout.name"
                 ) from exc
             raise
         return found

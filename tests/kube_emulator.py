@@ -1,18 +1,18 @@
-"""A Kubernetes API emulator (kmock) on 127.0.0.1 for the rollout tests, and a fake controller.
+"""A Kubernetes API emulator (kmock) on 127.0.0.1 for the rollout tests.
 
-No kube-apiserver can be installed here (STACK.md). kmock serves the API paths the kubernetes
-client calls and keeps the objects in memory: get, list, create and patch over HTTP, with
-404s as Status objects, so `KubeCluster` runs its real code path (requests, serialisation,
-errors). What kmock does NOT do:
+No kube-apiserver or Argo Rollouts controller can be installed here (STACK.md). kmock serves
+the API paths the kubernetes client calls and keeps the objects in memory: get, list and
+patch over HTTP (the status subresource too), with 404s as Status objects, so `KubeRollouts`
+runs its real code path (requests, serialisation, errors). What kmock does NOT do:
 
-- filter lists by label selector: every pod comes back (tests read the selector off the
-  recorded request instead);
-- merge patches the Kubernetes way: strategic-merge and JSON merge patches both merge dicts
-  and REPLACE lists. The rollout sends whole lists (containers, env, http routes), for which
-  the result is the same;
-- fill server fields (generation, resourceVersion, uid, status) or run controllers:
-  `Controller` plays the generation counter and the Deployment controller;
-- enforce RBAC: `Emulator.calls` records what was asked, for comparison with the Roles.
+- filter lists by label selector: every object comes back (the code filters again, and
+  tests read the selector off the recorded request);
+- merge patches the Kubernetes way: JSON merge patches merge dicts and REPLACE lists, as the
+  API server does for custom resources; the code sends whole lists (containers, env);
+- fill server fields or run controllers: the Argo Rollouts controller's part (status
+  fields, pod-template hashes, ReplicaSets, AnalysisRuns) is written by the tests as
+  `argo_status` shows, from the fields Argo documents;
+- enforce RBAC: `Emulator.calls` records what was asked, for comparison with the Role.
 
 The emulator runs on its own event loop in a thread; every access to its objects from a test
 goes through that loop, so it never races a request.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -34,14 +33,12 @@ import kmock
 import yaml
 from kubernetes import client
 
-from drseg.rollout import ISTIO, KubeCluster
+from drseg.deploy.kube import ARGO_GROUP, ARGO_VERSION, KubeRollouts
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
-ISTIO_OVERLAY = MANIFESTS / "overlays" / "istio"
-DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
-PODS = kmock.resource("", "v1", "pods")
-SERVICES = kmock.resource("", "v1", "services")
-VIRTUAL_SERVICES = kmock.resource(*ISTIO)
+ROLLOUTS = kmock.resource(ARGO_GROUP, ARGO_VERSION, "rollouts")
+ANALYSIS_RUNS = kmock.resource(ARGO_GROUP, ARGO_VERSION, "analysisruns")
+REPLICA_SETS = kmock.resource("apps", "v1", "replicasets")
 
 _VERBS = {
     kmock.action.FETCH: "get",
@@ -98,9 +95,9 @@ class Emulator:
 
         return self._on_loop(live)
 
-    def deployment(self, name: str) -> dict[str, Any]:
-        found = self.get(DEPLOYMENTS, name)
-        assert found is not None, f"no Deployment {name}"
+    def rollout(self, name: str = "triton") -> dict[str, Any]:
+        found = self.get(ROLLOUTS, name)
+        assert found is not None, f"no Rollout {name}"
         return found
 
     def requests(self) -> list[kmock.Request]:
@@ -127,15 +124,10 @@ class Emulator:
             for r in self.requests()
         )
 
-    def kube(self) -> KubeCluster:
+    def kube(self) -> KubeRollouts:
         """The rollout's own cluster class, pointed here."""
         api = client.ApiClient(client.Configuration(host=self.url))
-        return KubeCluster(
-            client.AppsV1Api(api),
-            client.CoreV1Api(api),
-            client.CustomObjectsApi(api),
-            self.namespace,
-        )
+        return KubeRollouts(client.CustomObjectsApi(api), client.AppsV1Api(api), self.namespace)
 
     def kubeconfig(self, path: Path) -> Path:
         """A kubeconfig for this emulator, for `KubeCluster.from_environment` (KUBECONFIG)."""
@@ -165,7 +157,9 @@ def emulator() -> Iterator[Emulator]:
 
     async def serve() -> None:
         async with kmock.KubernetesEmulator() as handler, kmock.Server(handler) as server:
-            handler.resources["v1/pods"] = {}  # listable before any pod exists
+            # Listable before any object exists.
+            handler.resources[f"{ARGO_GROUP}/{ARGO_VERSION}/analysisruns"] = {}
+            handler.resources["apps/v1/replicasets"] = {}
             started.put(Emulator(handler, str(server.url).rstrip("/"), loop))
             await stop.wait()
 
@@ -194,71 +188,29 @@ def manifest(path: Path, kind: str) -> dict[str, Any]:
     return dict(doc)
 
 
-def stable_deployment() -> dict[str, Any]:
-    """The base Deployment as the stable overlay labels it."""
-    stable = manifest(MANIFESTS / "base" / "triton-deployment.yaml", "Deployment")
-    stable["metadata"]["labels"]["track"] = "stable"
-    stable["spec"]["selector"]["matchLabels"]["track"] = "stable"
-    stable["spec"]["template"]["metadata"]["labels"]["track"] = "stable"
-    return stable
+def argo_status(rollout: dict[str, Any], stable: str, current: str, step: int) -> dict[str, Any]:
+    """The status Argo Rollouts writes: the stable and newest pod-template hashes, the step
+    reached (Argo's phase names)."""
+    steps = rollout["spec"]["strategy"]["canary"]["steps"]
+    paused = step < len(steps) and "pause" in steps[step]
+    done = stable == current
+    return {
+        "stableRS": stable,
+        "currentPodHash": current,
+        "currentStepIndex": step,
+        "phase": "Healthy" if done else ("Paused" if paused else "Progressing"),
+        **({"pauseConditions": [{"reason": "CanaryPauseStep"}]} if paused else {}),
+    }
 
 
 @contextlib.contextmanager
 def triton_cluster() -> Iterator[Emulator]:
-    """The emulator holding what the manifests deploy before a rollout: the stable
-    Deployment, the shared Service and the Istio overlay's VirtualService."""
+    """The emulator holding what `kubectl apply -k manifests/base` deploys before any
+    rollout, as Argo leaves it: the Rollout at its first revision, stable."""
     with emulator() as cluster:
-        cluster.put(DEPLOYMENTS, stable_deployment())
-        cluster.put(SERVICES, manifest(MANIFESTS / "base" / "triton-service.yaml", "Service"))
-        cluster.put(
-            VIRTUAL_SERVICES, manifest(ISTIO_OVERLAY / "triton-routes.yaml", "VirtualService")
-        )
+        rollout = manifest(MANIFESTS / "base" / "triton-rollout.yaml", "Rollout")
+        rollout["metadata"]["namespace"] = cluster.namespace
+        steps = len(rollout["spec"]["strategy"]["canary"]["steps"])
+        rollout["status"] = argo_status(rollout, "hash-0", "hash-0", steps)
+        cluster.put(ROLLOUTS, rollout)
         yield cluster
-
-
-class Clock:
-    """Fake time for rollout.start: sleep() advances it and lets the controller act, so no
-    test waits for real."""
-
-    def __init__(self, controller: Controller) -> None:
-        self.t, self.controller = 0.0, controller
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.t += s
-        self.controller.reconcile()
-
-
-class Controller:
-    """Plays what kmock does not: on each reconcile() a Deployment whose spec changed gets
-    generation + 1 (the API server's job), then observedGeneration = generation and
-    readyReplicas = updatedReplicas = spec.replicas, or 0 for the names in `failing` (the
-    Deployment controller's job, with pods that never pass their readiness probe)."""
-
-    def __init__(self, cluster: Emulator, failing: tuple[str, ...] = ()) -> None:
-        self.cluster, self.failing = cluster, failing
-        self._specs: dict[str, str] = {}
-
-    def reconcile(self) -> None:
-        for name in self.cluster.names(DEPLOYMENTS):
-            deployment = self.cluster.deployment(name)
-            spec = json.dumps(deployment["spec"], sort_keys=True)
-            generation = deployment["metadata"].get("generation", 0)
-            if self._specs.get(name) != spec:
-                generation += 1
-                self._specs[name] = spec
-            ready = 0 if name in self.failing else deployment["spec"].get("replicas", 1)
-            self.cluster.patch(
-                DEPLOYMENTS,
-                name,
-                {
-                    "metadata": {"generation": generation},
-                    "status": {
-                        "observedGeneration": generation,
-                        "readyReplicas": ready,
-                        "updatedReplicas": ready,
-                    },
-                },
-            )

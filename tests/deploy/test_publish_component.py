@@ -1,0 +1,32 @@
+"""The pipeline's publish step: the KFP component's own function on a repository artifact,
+writing where the Rollout reads (a local folder standing in for the object store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.publish import publish
+from kfp import dsl
+
+from drseg.config import RolloutSettings, ServeSettings
+from drseg.deploy.publish import MARKER
+from drseg.serving.repository import write_repository
+from tests.test_registry import write_model_files
+
+
+def test_component_publishes_the_repository_artifact(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    onnx_path, _ = write_model_files(tmp_path / "model")
+    write_repository(tmp_path / "repo", onnx_path, 4, ServeSettings())
+    settings = RolloutSettings(repository_uri=str(tmp_path / "store" / "{version}"))
+    uri = publish.python_func(
+        repository=dsl.Artifact(uri=str(tmp_path / "repo")),
+        version=4,
+        model_name="drseg",
+        config=settings.model_dump_json(),
+    )
+    assert uri == str(tmp_path / "store" / "4")
+    assert (tmp_path / "store" / "4" / MARKER).is_file()
+    assert (tmp_path / "store" / "4" / "drseg" / "4" / "model.onnx").read_bytes() == (
+        onnx_path.read_bytes()
+    )

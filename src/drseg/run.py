@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from drseg import atomic, paths
 from drseg.config import Settings
 from drseg.data.synthetic import write_synthetic_dataset
+from drseg.errors import UserError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '([\w-]+)'")
@@ -87,7 +88,7 @@ def _captured(log_path: Path, verbose: bool, display: dict[str, str]) -> Iterato
             yield tee
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """The run cannot start as asked; the message says what to pass instead."""
 
 

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel
 
 from drseg.config import TrackingSettings
+from drseg.errors import UserError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -41,7 +42,7 @@ SERVER_SCHEMES = ("http", "https")
 _T = TypeVar("_T")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking backend refused or could not be reached; the message names the URI."""
 
 

@@ -58,17 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _legacy_user_errors() -> tuple[type[Exception], ...]:
-    """Errors of modules that predate drseg.errors and mean the same as UserError. Imported
-    only once something failed, so a quick verb does not pay for them."""
-    from drseg.data.dataset import DatasetError
-    from drseg.data.ingest import IngestError
-    from drseg.data.storage import StorageError
-    from drseg.tracking import TrackingError
-
-    return DatasetError, IngestError, StorageError, TrackingError
-
-
 def _unreachable(exc: BaseException) -> OSError | None:
     """The refused or failed connection under an exception (MLflow wraps it in its own)."""
     seen: BaseException | None = exc
@@ -105,7 +94,7 @@ def _mlflow_message(exc: Exception, tracking: str | None) -> str | None:
 
 def user_message(exc: Exception, settings: Settings | None = None) -> str | None:
     """The one line to print for an error the user can fix; None for a bug."""
-    if isinstance(exc, (UserError, *_legacy_user_errors())):
+    if isinstance(exc, UserError):
         return str(exc)
     if isinstance(exc, OSError):
         if exc.filename is not None and exc.strerror:

@@ -18,6 +18,7 @@ from pathlib import Path
 from drseg import cluster
 from drseg.cli.verb import Verbs, add_verb
 from drseg.config import Settings
+from drseg.errors import UserError
 
 
 def add_verbs(verbs: Verbs) -> None:
@@ -118,53 +119,31 @@ def _deploy_verbs(verbs: Verbs) -> None:
 
 
 @contextlib.contextmanager
-def _exits(verb: str) -> Iterator[None]:
-    """A failure as one line and an exit status 2: the command could not act."""
+def _kubernetes_errors() -> Iterator[None]:
+    """A refusal of the Kubernetes API as a user error that names the likely fix."""
     from kubernetes.client.exceptions import ApiException
-
-    from drseg.data.dataset import DatasetError
-    from drseg.data.storage import StorageError
-    from drseg.deploy.kube import RolloutError
-    from drseg.deploy.probe import ProbeError
-    from drseg.deploy.publish import PublishError
-    from drseg.registry import RegistryError
-    from drseg.run import RunError
 
     try:
         yield
-    except (
-        RolloutError,
-        RegistryError,
-        PublishError,
-        ProbeError,
-        StorageError,
-        DatasetError,
-        RunError,
-    ) as exc:
-        print(f"drseg {verb}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
     except ApiException as exc:
-        print(
-            f"drseg {verb}: error: Kubernetes API answered {exc.status} {exc.reason}; check "
-            "rollout.namespace and that the drseg-rollout Role is applied (manifests/base)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from exc
+        raise UserError(
+            f"Kubernetes API answered {exc.status} {exc.reason}; check rollout.namespace and "
+            "that the drseg-rollout Role is applied (manifests/base)"
+        ) from exc
 
 
 def publish_command(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.deploy.publish import publish
     from drseg.run import latest_repository
 
-    with _exits("publish"):
-        repository = args.repository or latest_repository(settings.home)
-        published = publish(
-            repository,
-            settings.serve.model_name,
-            args.version,
-            settings.rollout.repository_uri,
-            settings.storage,
-        )
+    repository = args.repository or latest_repository(settings.home)
+    published = publish(
+        repository,
+        settings.serve.model_name,
+        args.version,
+        settings.rollout.repository_uri,
+        settings.storage,
+    )
     state = "already published" if published.already else "published"
     print(f"{state} version {args.version}: {len(published.files)} files at {published.uri}")
 
@@ -191,7 +170,7 @@ def probe_command(args: argparse.Namespace, settings: Settings) -> None:
     rollout = settings.rollout.model_copy(
         update={k: v for k, v in overrides.items() if v is not None}
     )
-    with _exits("probe"), tempfile.TemporaryDirectory(prefix="drseg-probe-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="drseg-probe-") as tmp:
         if not args.version.isdigit():
             raise ProbeError(f"--version {args.version!r}: pass a registry version number")
         if rollout.probe_set is None:
@@ -223,7 +202,7 @@ def rollout_start_command(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.deploy.kube import KubeRollouts, RolloutError
     from drseg.deploy.publish import published_files, repository_uri
 
-    with _exits("rollout start"):
+    with _kubernetes_errors():
         uri = repository_uri(settings.rollout.repository_uri, args.version)
         if published_files(open_storage(uri, settings.storage)) is None:
             raise RolloutError(
@@ -250,7 +229,7 @@ def rollout_status_command(args: argparse.Namespace, settings: Settings) -> None
     from drseg.deploy.champion import ChampionLink, champion_version
     from drseg.deploy.kube import KubeRollouts
 
-    with _exits("rollout status"):
+    with _kubernetes_errors():
         kube = KubeRollouts.from_environment(settings.rollout.namespace)
         status = argo.read_status(kube, settings.rollout)
         link = ChampionLink(champion_version(*_champion_uri(settings)), status.stable_version)
@@ -262,7 +241,7 @@ def rollout_promote_command(args: argparse.Namespace, settings: Settings) -> Non
     from drseg.deploy.champion import follow
     from drseg.deploy.kube import KubeRollouts
 
-    with _exits("rollout promote"):
+    with _kubernetes_errors():
         kube = KubeRollouts.from_environment(settings.rollout.namespace)
         wait = False
         if not argo.read_status(kube, settings.rollout).promoted:
@@ -293,7 +272,7 @@ def rollout_abort_command(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.deploy import argo
     from drseg.deploy.kube import KubeRollouts
 
-    with _exits("rollout abort"):
+    with _kubernetes_errors():
         kube = KubeRollouts.from_environment(settings.rollout.namespace)
         argo.abort(kube, settings.rollout)
     print(f"Rollout {settings.rollout.name}: aborted; all traffic back on stable")

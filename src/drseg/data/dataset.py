@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from drseg import atomic
+from drseg.errors import UserError
 
 FORMAT_VERSION = 1
 """Bump when the bytes a stage writes change for the same input, to invalidate caches."""
@@ -68,7 +69,7 @@ class Manifest(Model):
     records: tuple[RecordEntry, ...]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     pass
 
 

@@ -42,11 +42,12 @@ from drseg.data.validation import (
     photograph_with_mask,
     read_header,
 )
+from drseg.errors import UserError
 from drseg.parallel import parallel_map
 from drseg.preprocess import fov_mask, resize_image, resize_mask, working_size
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     pass
 
 

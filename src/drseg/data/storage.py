@@ -26,6 +26,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from drseg import atomic
 from drseg.config import StorageSettings
+from drseg.errors import UserError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -53,7 +54,7 @@ def _redact(text: str) -> str:
     return _URL_SECRET_QUERY.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", text))
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Message names the URL, the problem and the fix; credentials in URLs are masked."""
 
     def __init__(self, message: str) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
+from drseg.errors import UserError
+
 ARGO_GROUP, ARGO_VERSION = "argoproj.io", "v1alpha1"
 
 Obj = dict[str, Any]
 
 
-class RolloutError(RuntimeError):
+class RolloutError(UserError, RuntimeError):
     """A rollout command cannot go on; the message says what to do."""
 
 

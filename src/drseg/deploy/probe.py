@@ -28,6 +28,7 @@ import onnxruntime as ort
 from drseg.config import RolloutSettings
 from drseg.contract import ServingContract, read_contract
 from drseg.data.dataset import image_path, load_manifest, mask_path, read_mask
+from drseg.errors import UserError
 from drseg.evaluate.metrics import dice_iou
 from drseg.serving.client import Masks, TritonModel, prepare_photograph, served_masks
 
@@ -35,7 +36,7 @@ GraphFn = Callable[[str], Path]
 """A registry version -> its registered model.onnx (drseg.registry.download_onnx)."""
 
 
-class ProbeError(RuntimeError):
+class ProbeError(UserError, RuntimeError):
     """The probe could not run (probe set, registry); not a verdict on the canary."""
 
 

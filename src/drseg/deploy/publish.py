@@ -21,6 +21,7 @@ from pathlib import Path
 
 from drseg.config import StorageSettings
 from drseg.data.storage import Storage, StorageError, open_storage
+from drseg.errors import UserError
 from drseg.serving.repository import CONFIG_FILE, PLAN_PLATFORM, read_config, versions
 
 MARKER = "PUBLISHED.json"
@@ -28,7 +29,7 @@ GPU_KIND = 1
 """model_config_pb2.ModelInstanceGroup.KIND_GPU."""
 
 
-class PublishError(RuntimeError):
+class PublishError(UserError, RuntimeError):
     """The repository cannot be published as it is; the message says what to fix."""
 
 

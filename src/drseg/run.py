@@ -252,7 +252,7 @@ def serve_and_predict(
     the median round trip of one photograph (request, inference, response).
     """
     from drseg.data.dataset import load_manifest
-    from drseg.serving.client import predict
+    from drseg.serving.client import PhotoFailure, PhotoResult, predict
     from drseg.serving.server import running_server
 
     records = [r for r in load_manifest(dataset_dir).records if r.split == "val"]
@@ -261,15 +261,22 @@ def serve_and_predict(
         return {"predicted": 0, "note": "the source is not a local folder: nothing predicted"}
     out = run / "predictions"
     with running_server(repository, settings.serve, log_file=run / "triton.log") as server:
-        results = predict(
-            photos,
-            server.http_url,
-            "http",
-            out,
-            server.model.onnx_path,
-            settings.serve.model_name,
+        outcomes = list(
+            predict(
+                photos,
+                server.http_url,
+                "http",
+                out,
+                server.model.onnx_path,
+                settings.serve.model_name,
+                max_pixels=settings.ingest.max_pixels,
+            )
         )
+        results = [o for o in outcomes if isinstance(o, PhotoResult)]
         version = server.model.version
+    failures = [o.message for o in outcomes if isinstance(o, PhotoFailure)]
+    if failures:
+        raise RuntimeError("; ".join(failures))
     seconds = sorted(r.infer_seconds for r in results)
     return {
         "version": version,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
+from types import TracebackType
 
 from drseg.cli import cluster, data, model, serving, training
 from drseg.config import Settings, SettingsError, load_settings, settings_as_yaml
+from drseg.secrets import redact
 
 EPILOG = """\
 settings: defaults < YAML file (--config or DRSEG_CONFIG) < DRSEG_<SECTION>__<FIELD> variables,
@@ -43,15 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redacted_traceback(
+    kind: type[BaseException], exc: BaseException, trace: TracebackType | None
+) -> None:
+    """An unexpected error's traceback, with credentials inside URLs masked (drseg.secrets)."""
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, exc, trace))))
+
+
 def main(argv: list[str] | None = None) -> None:
+    sys.excepthook = _redacted_traceback
     args = build_parser().parse_args(argv)
     from drseg.data.dataset import DatasetError
     from drseg.data.ingest import IngestError
     from drseg.data.storage import StorageError
+    from drseg.tracking import TrackingError
 
     try:
         settings = load_settings(args.config)
         args.handler(args, settings)
-    except (SettingsError, IngestError, StorageError, DatasetError, FileExistsError) as exc:
-        print(f"drseg {args.verb}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    except (
+        SettingsError,
+        IngestError,
+        StorageError,
+        DatasetError,
+        FileExistsError,
+        TrackingError,
+    ) as exc:
+        print(f"drseg {args.verb}: error: {redact(str(exc))}", file=sys.stderr)
+        raise SystemExit(2) from None

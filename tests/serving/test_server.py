@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from drseg.cli import main
-from drseg.config import IngestSettings, ServeSettings
+from drseg.config import IngestSettings, ServeSettings, TrackingSettings
 from drseg.contract import CONTRACT_KEY, read_contract
 from drseg.data import dataset
 from drseg.data.enhance import clahe_dataset
@@ -332,3 +332,42 @@ def test_predict_uses_the_served_versions_contract_not_the_newest_in_the_reposit
         with pytest.raises(ValueError, match=r"serves versions \[1\], not version 2"):
             list(predict([photo], server.http_url, "http", tmp_path / "api", newest))
     assert not (tmp_path / "other").exists() and not (tmp_path / "api").exists()
+
+
+@pytest.mark.integration
+def test_predict_takes_the_contract_from_the_registry(
+    served: Served,
+    exported: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--model models:/NAME@champion: the registered model.onnx (exported before
+    registration, so its contract names no version) pinned to the alias's version."""
+    from drseg.registry import promote
+    from drseg.tracking import stage_run
+    from tests.test_registry import _register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = TrackingSettings(uri=uri, experiment="predict")
+    with stage_run(tracking, tmp_path, "register", pipeline_run_id="p-predict") as run:
+        run_id = run.run_id
+    unversioned = _with_contract(exported, tmp_path / "model.onnx", model_version=None)
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    for _ in range(VERSION):  # the served fixture serves version VERSION
+        number = _register(uri, "lesions", run_id, (unversioned, tmp_path / "model.pt"))
+    assert number == str(VERSION)
+    promote(uri, "lesions", number)
+    monkeypatch.setenv("DRSEG_TRACKING__URI", uri)
+    photo = served.photos[0]
+    argv = ["predict", str(photo), "--server", served.server.http_url]
+    main([*argv, "--model", "models:/lesions@champion", "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / photo.stem / SUMMARY_FILE).read_text())
+    assert summary["model"]["version"] == VERSION
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--model", "models:/lesions/1", "--out", str(tmp_path / "other")])
+    assert exit_.value.code == 2
+    # Above it, mlflow's download progress bar.
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("drseg")]
+    assert f"serves versions [{VERSION}], not version 1" in line

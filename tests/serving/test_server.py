@@ -267,11 +267,18 @@ def test_full_size_idrid_photograph_round_trip(idrid_dir: Path, tmp_path: Path) 
     assert cv2.imread(str(result.folder / "mask_HE.png")).shape[:2] == (680, 1024)
 
 
+@pytest.fixture(scope="module")
+def unversioned(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as the pipeline's export step writes it: no version in its contract."""
+    out = tmp_path_factory.mktemp("unversioned") / "model.onnx"
+    return _with_contract(exported, out, model_version=None)
+
+
 def test_resolve_model_takes_the_latest_or_the_given_version(
-    exported: Path, tmp_path: Path
+    unversioned: Path, tmp_path: Path
 ) -> None:
     for version in (2, 5):
-        write_repository(tmp_path / "repo", exported, version, ServeSettings())
+        write_repository(tmp_path / "repo", unversioned, version, ServeSettings())
     assert resolve_model(tmp_path / "repo", "drseg").version == 5
     chosen = resolve_model(tmp_path / "repo", "drseg", 2)
     assert (chosen.version, chosen.onnx_path) == (2, tmp_path / "repo" / "drseg" / "2" / ONNX_FILE)
@@ -281,10 +288,10 @@ def test_resolve_model_takes_the_latest_or_the_given_version(
         resolve_model(tmp_path / "repo", "other")
 
 
-def test_the_local_server_refuses_a_tensorrt_repository(exported: Path, tmp_path: Path) -> None:
+def test_the_local_server_refuses_a_tensorrt_repository(unversioned: Path, tmp_path: Path) -> None:
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"placeholder: the check reads config.pbtxt only")
-    write_repository(tmp_path / "repo", exported, 1, ServeSettings(), plan_path=plan)
+    write_repository(tmp_path / "repo", unversioned, 1, ServeSettings(), plan_path=plan)
     with pytest.raises(ValueError, match=r"platform 'tensorrt_plan'; the local server runs ONNX"):
         resolve_model(tmp_path / "repo", "drseg")
 

@@ -25,7 +25,13 @@ import numpy.typing as npt
 from drseg.contract import ServingContract
 from drseg.data.validation import IMAGE_SUFFIXES
 from drseg.evaluate.metrics import dice_iou
-from drseg.serving.client import Masks, TritonModel, prepare_photograph, served_masks
+from drseg.serving.client import (
+    Masks,
+    TritonModel,
+    prepare_photograph,
+    served_masks,
+    served_versions,
+)
 
 ContractFn = Callable[[str], ServingContract]
 """A served version -> its serving contract (e.g. from the registry's model.onnx)."""
@@ -48,17 +54,7 @@ def _served(
     url: str, model_name: str, contract_for: ContractFn, timeout_s: float
 ) -> tuple[TritonModel, ServingContract]:
     """The model at `url` pinned to the newest version it serves, and that version's contract."""
-    any_version = TritonModel(url, "http", model_name, "", timeout_s)
-    try:
-        versions = [str(v) for v in any_version.metadata().get("versions") or []]
-    finally:
-        any_version.close()
-    if not versions:
-        raise ValueError(
-            f"{url}: Triton serves no version of {model_name!r}; check the track's pods "
-            "(kubectl logs) and serve.model_name"
-        )
-    version = max(versions, key=int)
+    version = str(served_versions(url, "http", model_name, timeout_s)[-1])
     return TritonModel(url, "http", model_name, version, timeout_s), contract_for(version)
 
 

@@ -144,3 +144,18 @@ def test_mlflow_parameters_do_not_contain_credentials(tmp_path: Path) -> None:
         "source": "http://***@127.0.0.1:9000/bucket",
         "nested.uri": "postgresql://***@db/mlflow",
     }
+
+
+def test_drseg_run_masks_credentials_in_task_output() -> None:
+    """`drseg run` copies each task's output (tracebacks included) to pipeline.log and, with
+    --verbose, to the terminal."""
+    import io
+
+    from drseg.run import _TaskLog
+
+    log, terminal = io.StringIO(), io.StringIO()
+    tee = _TaskLog(log, terminal, verbose=True, display={})
+    tee.write("MlflowException: API request to http://mlflow:pw-tracking@db:5000/api failed\n")
+    for written in (log.getvalue(), terminal.getvalue()):
+        assert "http://***@db:5000/api" in written
+        _assert_no_secret(written)

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from drseg import atomic, paths
 from drseg.config import Settings
 from drseg.data.synthetic import write_synthetic_dataset
+from drseg.secrets import redact
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '([\w-]+)'")
@@ -48,9 +49,10 @@ class _TaskLog(io.TextIOBase):
     _running: str = ""
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        shown = redact(text)  # a task's traceback may print a URI with its credentials
+        self.log.write(shown)
         if self.verbose:
-            self.terminal.write(text)
+            self.terminal.write(shown)
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
@@ -196,7 +198,7 @@ def run_pipeline(
         try:
             training(**pipeline_arguments(settings, source, pool))
         except Exception as exc:
-            error = str(exc)
+            error = redact(str(exc))
     for name in log.started:
         steps.append(
             {

@@ -12,6 +12,7 @@ import re
 import struct
 import urllib.request
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -265,3 +266,28 @@ def test_predict_honours_the_size_limit_it_suggests(served: Served, tmp_path: Pa
     assert isinstance(outcome, PhotoFailure)
     assert "over the limit of 0 MP" in outcome.message
     assert "raise ingest.max_pixels" in outcome.message
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_nan_request_does_not_fail_a_good_request_sent_with_it(
+    served: Served, expected: npt.NDArray[np.float32], protocol: Protocol
+) -> None:
+    """Sent at the same time, same shape: dynamic batching may merge them, and the refusal
+    is per request, so the good one is answered with ONNX Runtime's output either way."""
+
+    def send(array: npt.NDArray[np.float32]) -> np.ndarray | InferenceServerException:
+        client = _module(protocol).InferenceServerClient(url(served.server, protocol))
+        try:
+            return _infer(client, protocol, array)
+        except InferenceServerException as exc:
+            return exc
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        refused, answered = pool.map(send, [_bad_array(GOOD.shape, np.float32, np.nan), GOOD])
+    assert isinstance(refused, InferenceServerException)
+    assert "NaN or infinite" in str(refused.message())
+    assert isinstance(answered, np.ndarray)
+    np.testing.assert_allclose(answered, expected, atol=1e-6)

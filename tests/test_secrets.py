@@ -102,29 +102,54 @@ def test_an_unreachable_tracking_server_does_not_print_its_password(
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
 
 
-def test_cli_errors_and_tracebacks_do_not_print_the_password(tmp_path: Path) -> None:
-    """`drseg registry show` against a server that is down, as a user runs it: whatever
-    fails, stderr shows no credential."""
-    (port,) = free_ports(1)
-    config, environ = _secret_settings(tmp_path)
+def _drseg(tmp_path: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    """`drseg ARGS` as a user runs it, with the secret settings and `environ` on top."""
+    config, secret_environ = _secret_settings(tmp_path)
     env = {
         **os.environ,
+        **secret_environ,
         **environ,
-        "DRSEG_TRACKING__URI": f"http://mlflow:pw-tracking@127.0.0.1:{port}",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "AWS_MAX_ATTEMPTS": "1",
         "PYTHONPATH": os.pathsep.join(sys.path),
     }
     command = [sys.executable, "-c", "from drseg.cli import main; main()"]
-    done = subprocess.run(
-        [*command, "--config", str(config), "registry", "show"],
+    return subprocess.run(
+        [*command, "--config", str(config), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
         check=False,
     )
+
+
+def test_cli_errors_and_tracebacks_do_not_print_the_password(tmp_path: Path) -> None:
+    """`drseg registry show` against a server that is down: whatever fails, stderr shows no
+    credential (here an MlflowException's traceback, which names the URL)."""
+    (port,) = free_ports(1)
+    uri = f"http://mlflow:pw-tracking@127.0.0.1:{port}"
+    done = _drseg(tmp_path, "registry", "show", DRSEG_TRACKING__URI=uri)
     assert done.returncode != 0
-    assert f"127.0.0.1:{port}" in done.stderr, done.stderr
+    assert f"http://***@127.0.0.1:{port}" in done.stderr, done.stderr
+    _assert_no_secret(done.stdout + done.stderr)
+
+
+def test_an_unreachable_s3_endpoint_does_not_print_its_credentials(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    endpoint = f"http://AKIDSECRETKEY:pw-endpoint@127.0.0.1:{port}"
+    done = _drseg(
+        tmp_path,
+        "ingest",
+        "--source",
+        "s3://bucket/photos",
+        "--out",
+        str(tmp_path / "out"),
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="AKIDSECRETKEY",
+    )
+    assert done.returncode == 2
+    assert f"http://***@127.0.0.1:{port}" in done.stderr, done.stderr
     _assert_no_secret(done.stdout + done.stderr)
 
 

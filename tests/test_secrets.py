@@ -4,6 +4,7 @@ traceback or MLflow parameter."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from mlflow import MlflowClient
 
 from drseg.cli import main
 from drseg.config import TrackingSettings
-from drseg.secrets import redact
+from drseg.secrets import redact, redact_logs
 from drseg.tracking import TrackingError, stage_run
 from tests.ports import free_ports
 
@@ -184,3 +185,13 @@ def test_drseg_run_masks_credentials_in_task_output() -> None:
     for written in (log.getvalue(), terminal.getvalue()):
         assert "http://***@db:5000/api" in written
         _assert_no_secret(written)
+
+
+def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    redact_logs()
+    redact_logs()  # idempotent: one wrapper, not two
+    logging.getLogger("urllib3.connectionpool").warning(
+        "Retrying after %s: %s", "connection refused", "http://mlflow:pw-tracking@db:5000/api"
+    )
+    (record,) = caplog.records
+    assert record.getMessage() == "Retrying after connection refused: http://***@db:5000/api"

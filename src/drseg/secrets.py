@@ -1,5 +1,6 @@
 """Credentials never leave drseg in text: `redact` masks them in anything printed, logged
-or recorded (settings shown, error messages, MLflow parameters).
+or recorded (settings shown, error messages, MLflow parameters); `redact_logs` applies it
+to every log record of the process.
 
 Settings that are secrets by type (pydantic SecretStr) are masked by pydantic itself; what
 this catches are credentials that users put inside URLs, the usual place for them:
@@ -9,7 +10,9 @@ this catches are credentials that users put inside URLs, the usual place for the
 
 from __future__ import annotations
 
+import logging
 import re
+from typing import Any
 
 MASK = "***"
 
@@ -30,3 +33,23 @@ def redact(text: str) -> str:
     """`text` with every URL's user information and secret query values replaced by ***."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     return _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
+
+
+def redact_logs() -> None:
+    """From now on, every log record's message is redacted when it is made, whichever
+    library logs it (a retry warning naming its URL, say); idempotent."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "redacts", False):
+        return
+
+    def redacting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return record  # arguments that do not fit: logging reports that itself
+        record.msg, record.args = redact(message), None
+        return record
+
+    redacting.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting)

@@ -14,7 +14,7 @@ from types import TracebackType
 
 from drseg.cli import cluster, data, model, serving, training
 from drseg.config import Settings, SettingsError, load_settings, settings_as_yaml
-from drseg.secrets import redact
+from drseg.secrets import redact, redact_logs
 
 EPILOG = """\
 settings: defaults < YAML file (--config or DRSEG_CONFIG) < DRSEG_<SECTION>__<FIELD> variables,
@@ -55,6 +55,7 @@ def _redacted_traceback(
 
 def main(argv: list[str] | None = None) -> None:
     sys.excepthook = _redacted_traceback
+    redact_logs()
     args = build_parser().parse_args(argv)
     from drseg.data.dataset import DatasetError
     from drseg.data.ingest import IngestError

@@ -12,6 +12,7 @@ import re
 import struct
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -25,9 +26,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from drseg.config import ServeSettings
 from drseg.serving.client import PhotoFailure, PhotoResult, Protocol, predict
+from drseg.serving.repository import write_repository
+from drseg.serving.server import running_server
 from tests.export import WORKING_WIDTH
-from tests.serving import MAX_INPUT_PIXELS, VERSION, Served, direct, url
+from tests.serving import MAX_INPUT_PIXELS, VERSION, Served, direct, serve_settings, url
 
 GOOD = np.random.default_rng(4).standard_normal((1, 3, 64, 96)).astype(np.float32)
 
@@ -122,14 +126,7 @@ def _bad_array(shape: tuple[int, ...], dtype: type[np.generic], fill: float) -> 
 
 def _failures(served: Served) -> int:
     """Triton's failed-request counter of the model, all reasons together."""
-    with urllib.request.urlopen(served.server.metrics_url, timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    counts = [line.rsplit(" ", 1)[1] for line in lines if line.startswith(FAILURE_METRIC)]
-    assert counts, f"no {FAILURE_METRIC} in Triton's metrics"
-    return sum(int(float(count)) for count in counts)
-
-
-FAILURE_METRIC = "nv_inference_request_failure{"
+    return _metric(served, "nv_inference_request_failure")
 
 
 def _module(protocol: Protocol) -> ModuleType:
@@ -268,16 +265,38 @@ def test_predict_honours_the_size_limit_it_suggests(served: Served, tmp_path: Pa
     assert "raise ingest.max_pixels" in outcome.message
 
 
+@pytest.fixture(scope="module")
+def batching(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server whose dynamic batcher waits (up to 30 s) for a second request, so two
+    same-shape requests sent together run as one batch."""
+    work = tmp_path_factory.mktemp("batching")
+    settings = ServeSettings(
+        max_batch_size=2, preferred_batch_sizes=(2,), max_queue_delay_us=30_000_000
+    )
+    version_dir = write_repository(work / "repo", exported, VERSION, settings)
+    with running_server(work / "repo", serve_settings(), log_file=work / "triton.log") as server:
+        yield Served(server, version_dir / "model.onnx", [])
+
+
+def _metric(served: Served, name: str) -> int:
+    """A counter of Triton's metrics for the model, summed over its labels."""
+    with urllib.request.urlopen(served.server.metrics_url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    counts = [line.rsplit(" ", 1)[1] for line in lines if line.startswith(f"{name}{{")]
+    assert counts, f"no {name} in Triton's metrics"
+    return sum(int(float(count)) for count in counts)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_a_nan_request_does_not_fail_a_good_request_sent_with_it(
-    served: Served, expected: npt.NDArray[np.float32], protocol: Protocol
+def test_a_nan_request_batched_with_a_good_one_does_not_fail_it(
+    batching: Served, expected: npt.NDArray[np.float32], protocol: Protocol
 ) -> None:
-    """Sent at the same time, same shape: dynamic batching may merge them, and the refusal
-    is per request, so the good one is answered with ONNX Runtime's output either way."""
+    """Sent together, same shape, run as one batch (one execution for two requests): the
+    refusal is per request, so the good one gets ONNX Runtime's output."""
 
     def send(array: npt.NDArray[np.float32]) -> np.ndarray | InferenceServerException:
-        client = _module(protocol).InferenceServerClient(url(served.server, protocol))
+        client = _module(protocol).InferenceServerClient(url(batching.server, protocol))
         try:
             return _infer(client, protocol, array)
         except InferenceServerException as exc:
@@ -285,9 +304,12 @@ def test_a_nan_request_does_not_fail_a_good_request_sent_with_it(
         finally:
             client.close()
 
+    executions = _metric(batching, "nv_inference_exec_count")
     with ThreadPoolExecutor(max_workers=2) as pool:
         refused, answered = pool.map(send, [_bad_array(GOOD.shape, np.float32, np.nan), GOOD])
+    assert _metric(batching, "nv_inference_exec_count") == executions + 1, "not one batch"
     assert isinstance(refused, InferenceServerException)
+    assert refused.status() == REFUSED[protocol]
     assert "NaN or infinite" in str(refused.message())
     assert isinstance(answered, np.ndarray)
     np.testing.assert_allclose(answered, expected, atol=1e-6)

@@ -378,3 +378,21 @@ def test_predict_takes_the_contract_from_the_registry(
     # Above it, mlflow's download progress bar.
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("drseg")]
     assert f"serves versions [{VERSION}], not version 1" in line
+
+
+@pytest.mark.integration
+def test_predict_reads_the_contract_beside_a_served_plan(
+    served: Served, unversioned: Path, tmp_path: Path
+) -> None:
+    """The repository a cluster's Triton serves as a TensorRT plan (a placeholder here: no
+    TensorRT) gives predict its contract from the ONNX kept beside the plan; the local
+    server stands in for the cluster's, serving the same version."""
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"placeholder: predict reads only the ONNX beside it")
+    repository = tmp_path / "plan-repo"
+    write_repository(repository, unversioned, VERSION, ServeSettings(), plan_path=plan)
+    photo = served.photos[0]
+    argv = ["predict", str(photo), "--server", served.server.http_url]
+    main([*argv, "--repository", str(repository), "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / photo.stem / SUMMARY_FILE).read_text())
+    assert summary["model"]["version"] == VERSION

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from drseg.errors import UserError
+from drseg.secrets import redact
 
 LESION_CLASSES: tuple[str, ...] = ("MA", "HE", "EX", "SE")
 """The four lesion classes the model segments, in channel order."""
@@ -654,6 +655,18 @@ def with_options(section: SectionT, name: str, options: dict[str, Any]) -> Secti
         raise SettingsError(f"invalid option: {problems}") from exc
 
 
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    return value
+
+
 def settings_as_yaml(settings: Settings) -> str:
-    """The effective settings, secrets masked, as YAML (what `drseg config show` prints)."""
-    return yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False)
+    """The effective settings as YAML (what `drseg config show` prints), secrets masked:
+    SecretStr fields by pydantic, credentials inside URLs (tracking.uri,
+    storage.endpoint_url, ...) by drseg.secrets.redact."""
+    return yaml.safe_dump(_redacted(json.loads(settings.model_dump_json())), sort_keys=False)

@@ -246,6 +246,24 @@ def download(client: MlflowClient | str, name: str, alias: str, dst: Path) -> tu
     return number, Path(local)
 
 
+def version_number(client: MlflowClient | str, name: str, version_or_alias: str) -> str:
+    """The READY version that `version_or_alias` names: a number, or an alias of `name`."""
+    client = _client(client)
+    if version_or_alias.isdigit():
+        _version(client, name, version_or_alias)
+        return version_or_alias
+    _check_alias(version_or_alias)
+    aliases = _aliases(_registered(client, name))
+    if version_or_alias not in aliases:
+        raise RegistryError(
+            f"{name} has no @{version_or_alias} (its aliases: "
+            f"{', '.join(sorted(aliases)) or 'none'}); pass one of those or a version number"
+        )
+    number = aliases[version_or_alias]
+    _version(client, name, number)
+    return number
+
+
 def download_onnx(client: MlflowClient | str, name: str, version: int | str, dst: Path) -> Path:
     """model.onnx of `version` alone, downloaded into `dst`: it carries the serving contract,
     and the rest of the version (the checkpoint above all) is not needed to serve it."""

@@ -25,6 +25,7 @@ from drseg import atomic, paths
 from drseg.config import Settings
 from drseg.data.synthetic import write_synthetic_dataset
 from drseg.errors import UserError
+from drseg.secrets import redact
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '([\w-]+)'")
@@ -49,9 +50,10 @@ class _TaskLog(io.TextIOBase):
     _running: str = ""
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        shown = redact(text)  # a task's traceback may print a URI with its credentials
+        self.log.write(shown)
         if self.verbose:
-            self.terminal.write(text)
+            self.terminal.write(shown)
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
@@ -197,7 +199,7 @@ def run_pipeline(
         try:
             training(**pipeline_arguments(settings, source, pool))
         except Exception as exc:
-            error = str(exc)
+            error = redact(str(exc))
     for name in log.started:
         steps.append(
             {
@@ -253,7 +255,7 @@ def serve_and_predict(
     the median round trip of one photograph (request, inference, response).
     """
     from drseg.data.dataset import load_manifest
-    from drseg.serving.client import predict
+    from drseg.serving.client import PhotoFailure, PhotoResult, predict
     from drseg.serving.server import running_server
 
     records = [r for r in load_manifest(dataset_dir).records if r.split == "val"]
@@ -262,15 +264,22 @@ def serve_and_predict(
         return {"predicted": 0, "note": "the source is not a local folder: nothing predicted"}
     out = run / "predictions"
     with running_server(repository, settings.serve, log_file=run / "triton.log") as server:
-        results = predict(
-            photos,
-            server.http_url,
-            "http",
-            out,
-            server.model.onnx_path,
-            settings.serve.model_name,
+        outcomes = list(
+            predict(
+                photos,
+                server.http_url,
+                "http",
+                out,
+                server.model.onnx_path,
+                settings.serve.model_name,
+                max_pixels=settings.ingest.max_pixels,
+            )
         )
+        results = [o for o in outcomes if isinstance(o, PhotoResult)]
         version = server.model.version
+    failures = [o.message for o in outcomes if isinstance(o, PhotoFailure)]
+    if failures:
+        raise RuntimeError("; ".join(failures))
     seconds = sorted(r.infer_seconds for r in results)
     return {
         "version": version,

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from drseg.config import TrackingSettings
 from drseg.errors import UserError
+from drseg.secrets import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -87,7 +88,7 @@ def _flat_params(params: BaseModel | Mapping[str, Any], prefix: str = "") -> dic
         if isinstance(plain, Mapping) and plain:
             flat.update(_flat_params(plain, f"{name}."))
         else:
-            flat[name] = str(plain)
+            flat[name] = redact(str(plain))
     return flat
 
 
@@ -197,7 +198,7 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
         experiment = client.get_experiment_by_name(name)
     if experiment is None or experiment.lifecycle_stage == "deleted":
         raise TrackingError(
-            f"MLflow experiment {name!r} at {client.tracking_uri} is deleted; restore it "
+            f"MLflow experiment {name!r} at {redact(client.tracking_uri)} is deleted; restore it "
             "(`mlflow experiments restore`) or set tracking.experiment to another name"
         )
     return str(experiment.experiment_id)
@@ -284,6 +285,7 @@ def stage_run(
     try:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
     except ImportError as exc:
         _say_tracking_off(f"mlflow cannot be imported: {exc}")
         yield NullRun()
@@ -299,16 +301,21 @@ def stage_run(
     if urlparse(uri).scheme not in SERVER_SCHEMES:
         home.mkdir(parents=True, exist_ok=True)
         artifact_location = (home / "mlartifacts").resolve().as_uri()
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         parent_id, run_id = _start(
             client, settings.experiment, artifact_location, stage, pipeline_run_id, dataset_hash
         )
-    except MlflowException as exc:
+    except (MlflowException, OSError, ImportError, SQLAlchemyError) as exc:
+        # Unreachable or refusing: the message, not the chained traceback, whose frames and
+        # driver errors may print the URI with its credentials.
+        reason = exc.message if isinstance(exc, MlflowException) else f"{exc}"
         raise TrackingError(
-            f"MLflow at {uri} could not start the run of stage {stage!r}: {exc.message}; "
-            "check tracking.uri (DRSEG_TRACKING__URI) or set tracking.enabled to false"
-        ) from exc
+            redact(
+                f"MLflow at {uri} could not start the run of stage {stage!r}: {reason}; "
+                "check tracking.uri (DRSEG_TRACKING__URI) or set tracking.enabled to false"
+            )
+        ) from None
 
     run = StageRun(client, run_id)
     try:

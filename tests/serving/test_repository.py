@@ -18,6 +18,7 @@ from drseg.serving.repository import (
     TensorSignature,
     graph_signature,
     read_config,
+    version_onnx,
     versions,
     write_repository,
 )
@@ -35,7 +36,6 @@ def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ExportSettings(),
         INGEST,
         CLAHE,
-        model_version=3,
     )
     return result.path
 
@@ -55,8 +55,10 @@ def test_onnx_repository_layout_and_config(onnx_file: Path, tmp_path: Path) -> N
     version_dir = write_repository(tmp_path / "repo", onnx_file, 3, settings)
     assert version_dir == tmp_path / "repo" / "drseg" / "3"
     assert sorted(p.name for p in (tmp_path / "repo" / "drseg").iterdir()) == ["3", "config.pbtxt"]
-    assert (version_dir / "model.onnx").read_bytes() == onnx_file.read_bytes()
-    assert read_contract(version_dir / "model.onnx").model_version == 3
+    served = read_contract(version_dir / "model.onnx")
+    assert read_contract(onnx_file).model_version is None, "exported before registration"
+    assert served == read_contract(onnx_file).model_copy(update={"model_version": 3})
+    assert _graph_io(version_dir / "model.onnx") == _graph_io(onnx_file)
 
     text = (tmp_path / "repo" / "drseg" / "config.pbtxt").read_text()
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
@@ -85,13 +87,19 @@ def test_graph_signature_drops_the_batch_dimension(onnx_file: Path) -> None:
     )
 
 
-def test_plan_repository_on_gpu_instances(onnx_file: Path, tmp_path: Path) -> None:
-    """The plan file here is a placeholder: the writer only copies it (no TensorRT here)."""
+def test_plan_repository_keeps_the_contract_beside_the_plan_on_gpu_instances(
+    onnx_file: Path, tmp_path: Path
+) -> None:
+    """The plan file here is a placeholder: the writer only copies it (no TensorRT here).
+    instance_kind stays at its default, cpu: Triton's TensorRT backend loads no plan on CPU
+    instances, so a plan is served on KIND_GPU whatever the setting."""
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"placeholder, not a real engine")
-    settings = ServeSettings(model_name="drseg-trt", instance_kind="gpu", instance_count=2)
+    settings = ServeSettings(model_name="drseg-trt", instance_count=2)
     version_dir = write_repository(tmp_path / "repo", onnx_file, 5, settings, plan_path=plan)
-    assert sorted(p.name for p in version_dir.iterdir()) == ["model.plan"]
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx", "model.plan"]
+    assert read_contract(version_dir / "model.onnx").model_version == 5
+    assert version_onnx(tmp_path / "repo", "drseg-trt", None) == (5, version_dir / "model.onnx")
     config = read_config(tmp_path / "repo" / "drseg-trt" / "config.pbtxt")
     assert (config.name, config.platform) == ("drseg-trt", "tensorrt_plan")
     assert [(g.kind, g.count) for g in config.instance_group] == [
@@ -112,6 +120,15 @@ def test_versions_are_added_never_overwritten(onnx_file: Path, tmp_path: Path) -
     with pytest.raises(ValueError, match=r"version 0: Triton ignores version folders below 1"):
         write_repository(repo, onnx_file, 0, ServeSettings())
     assert not [p for p in (repo / "drseg").iterdir() if p.name.startswith(".")]
+
+
+def test_an_export_for_another_version_is_refused(onnx_file: Path, tmp_path: Path) -> None:
+    write_repository(tmp_path / "first", onnx_file, 3, ServeSettings())
+    stamped = tmp_path / "first" / "drseg" / "3" / "model.onnx"
+    write_repository(tmp_path / "again", stamped, 3, ServeSettings())
+    with pytest.raises(ValueError, match=r"model\.onnx: exported for registry version 3, not 4"):
+        write_repository(tmp_path / "other", stamped, 4, ServeSettings())
+    assert not (tmp_path / "other" / "drseg" / "4").exists()
 
 
 def test_missing_files_are_named(onnx_file: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from drseg.cli import cluster, data, model, serving, training
 from drseg.config import Settings, load_settings, settings_as_yaml
 from drseg.errors import UserError
+from drseg.secrets import redact, redact_logs
 
 EPILOG = """\
 settings: defaults < YAML file (--config or DRSEG_CONFIG) < DRSEG_<SECTION>__<FIELD> variables,
@@ -106,6 +107,7 @@ def user_message(exc: Exception, settings: Settings | None = None) -> str | None
 
 def main(argv: list[str] | None = None) -> None:
     """Run one verb; the single place where drseg reports an error to the user."""
+    redact_logs()
     args = build_parser().parse_args(argv)
     settings = None
     try:
@@ -118,5 +120,6 @@ def main(argv: list[str] | None = None) -> None:
         trace = traceback.format_exc() if message is None or args.traceback else ""
         if message is None:
             message = f"internal error ({type(exc).__name__}); please report it with the above"
-        sys.stderr.write(f"{trace}drseg {args.verb}: error: {' '.join(message.split())}\n")
+        line = f"drseg {args.verb}: error: {' '.join(message.split())}\n"
+        sys.stderr.write(redact(trace + line))
         raise SystemExit(2) from None

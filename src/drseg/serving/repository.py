@@ -1,8 +1,12 @@
 """A standard Triton model repository for the exported model.
 
 Layout: ``<repo>/<model>/config.pbtxt`` and ``<repo>/<model>/<version>/model.onnx`` (ONNX
-Runtime backend) or ``.../<version>/model.plan`` (TensorRT backend); the version is the
-registry version. Inputs and outputs of config.pbtxt are read off the exported ONNX graph
+Runtime backend), or ``.../<version>/model.plan`` beside that model.onnx (TensorRT backend,
+always on KIND_GPU instances: Triton's TensorRT backend loads no plan on CPU instances). The
+version is the registry version, and it is written into the serving contract of the
+model.onnx in the version folder, so a client that reads the contract knows which version
+to ask Triton for (a plan's contract is the ONNX file kept beside it; Triton loads only
+model.plan there). Inputs and outputs of config.pbtxt are read off the exported ONNX graph
 (batch dimension dropped, dynamic sides as -1), so they cannot drift from it. The config is
 written with Triton's own protobuf (tritonclient's model_config_pb2), so it parses.
 
@@ -25,6 +29,7 @@ from tritonclient.grpc import model_config_pb2
 from drseg import atomic
 from drseg.artifacts import ONNX_FILE
 from drseg.config import ServeSettings
+from drseg.contract import CONTRACT_KEY, read_contract
 
 CONFIG_FILE = "config.pbtxt"
 PLAN_FILE = "model.plan"
@@ -94,9 +99,8 @@ def model_config(
     config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
     group = config.instance_group.add()
     group.count = settings.instance_count
-    group.kind = model_config_pb2.ModelInstanceGroup.Kind.Value(
-        f"KIND_{settings.instance_kind.upper()}"
-    )
+    kind = "gpu" if platform == PLAN_PLATFORM else settings.instance_kind
+    group.kind = model_config_pb2.ModelInstanceGroup.Kind.Value(f"KIND_{kind.upper()}")
     return config
 
 
@@ -127,6 +131,44 @@ def versions(repository: Path, model_name: str) -> list[int]:
     )
 
 
+def version_onnx(repository: Path, model_name: str, version: int | None) -> tuple[int, Path]:
+    """(version, its model.onnx) in the repository; version None: the newest. The ONNX file
+    holds the version's serving contract, also where Triton serves a plan."""
+    folder = Path(repository) / model_name
+    available = versions(repository, model_name)
+    if not available:
+        raise FileNotFoundError(f"{folder}: no version folders; add one with write_repository")
+    chosen = available[-1] if version is None else version
+    if chosen not in available:
+        raise FileNotFoundError(
+            f"{folder}: no version {chosen} (versions: {available}); pass one of those or "
+            f"none for the latest"
+        )
+    onnx_path = folder / str(chosen) / ONNX_FILE
+    if not onnx_path.is_file():
+        raise FileNotFoundError(
+            f"{onnx_path}: missing, so version {chosen}'s serving contract is unknown; write "
+            f"the version again with this drseg (it keeps the ONNX file beside a plan)"
+        )
+    return chosen, onnx_path
+
+
+def write_versioned_onnx(onnx_path: Path, version: int, out: Path) -> None:
+    """Copy `onnx_path` to `out` with `version` in its serving contract; an export made for
+    another registry version is refused (its thresholds would be served under a wrong name)."""
+    contract = read_contract(onnx_path)
+    if contract.model_version not in (None, version):
+        raise ValueError(
+            f"{onnx_path}: exported for registry version {contract.model_version}, not "
+            f"{version}; write the repository with version {contract.model_version}, or "
+            f"export the model again"
+        )
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    entry = next(p for p in proto.metadata_props if p.key == CONTRACT_KEY)
+    entry.value = contract.model_copy(update={"model_version": version}).to_json()
+    atomic.write_bytes(out, proto.SerializeToString())
+
+
 def write_repository(
     repository: Path,
     onnx_path: Path,
@@ -137,7 +179,8 @@ def write_repository(
     """Add `version` of settings.model_name to `repository`; returns the version folder.
 
     Serves `plan_path` (platform tensorrt_plan) when given, else `onnx_path` (platform
-    onnxruntime_onnx); the ONNX file describes the inputs and outputs either way.
+    onnxruntime_onnx); the ONNX file describes the inputs and outputs either way, and is
+    kept in the version folder with `version` in its contract.
     """
     if version < 1:
         raise ValueError(
@@ -163,9 +206,8 @@ def write_repository(
             f"versions are never reused, so register a new version (or remove this folder)"
         )
     with atomic.output_dir(version_dir) as work:
-        if plan_path is None:
-            shutil.copyfile(onnx_path, work / ONNX_FILE)
-        else:
+        write_versioned_onnx(onnx_path, version, work / ONNX_FILE)
+        if plan_path is not None:
             shutil.copyfile(plan_path, work / PLAN_FILE)
     atomic.write_text(model_dir / CONFIG_FILE, text_format.MessageToString(config))
     return version_dir

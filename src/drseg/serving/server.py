@@ -7,9 +7,10 @@ so ONNX Runtime runs inside the bound Python function, in this process, on the
 repository's model.onnx; the model is exposed under the name, version, inputs, outputs,
 batch size and dynamic batching of the repository's config.pbtxt. On a cluster the same
 repository runs in the Triton image with its ONNX Runtime or TensorRT backend instead.
-A bad request gets an error response naming the problem and the server keeps serving:
-Triton itself refuses a wrong data type, rank, channel count or batch size, pytriton's
-stub an empty tensor, and the bound function what they cannot check (`_check_images`).
+A bad request gets a 400 naming the problem (no traceback) and the server keeps serving:
+Triton itself refuses a wrong data type, rank, channel count or batch size, drseg's stub
+extension (drseg.serving.bad_requests) an empty tensor or NaN/infinite values, and the bound
+function what depends on the contract (`_check_images`).
 
 Preprocessing stays on the client (drseg.serving.client), which applies the contract stored
 in the ONNX file; the server serves the raw graph. That keeps the served interface the
@@ -38,13 +39,8 @@ from tritonclient.grpc import model_config_pb2
 
 from drseg.config import ServeSettings
 from drseg.contract import ServingContract, read_contract
-from drseg.serving.repository import (
-    CONFIG_FILE,
-    ONNX_FILE,
-    ONNX_PLATFORM,
-    read_config,
-    versions,
-)
+from drseg.serving.bad_requests import BadRequest, refusing_bad_requests
+from drseg.serving.repository import CONFIG_FILE, ONNX_PLATFORM, read_config, version_onnx
 
 _NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
 
@@ -68,20 +64,7 @@ def resolve_model(repository: Path, model_name: str, version: int | None = None)
             f"server runs ONNX Runtime only, so serve a repository written without a plan "
             f"(a TensorRT plan needs the Triton image on a GPU node)"
         )
-    available = versions(repository, model_name)
-    if not available:
-        raise FileNotFoundError(
-            f"{repository / model_name}: no version folders; add one with write_repository"
-        )
-    chosen = available[-1] if version is None else version
-    if chosen not in available:
-        raise FileNotFoundError(
-            f"{repository / model_name}: no version {chosen} (versions: {available}); pass "
-            f"one of those or none for the latest"
-        )
-    onnx_path = repository / model_name / str(chosen) / ONNX_FILE
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"{onnx_path}: missing; write the version again")
+    chosen, onnx_path = version_onnx(repository, model_name, version)
     return ServedModel(model_name, chosen, onnx_path, config)
 
 
@@ -119,25 +102,25 @@ def _check_images(images: npt.NDArray[Any], contract: ServingContract, max_pixel
     """Refuse, naming the fix, the images that Triton's own checks let through.
 
     Triton checks data type, rank, channels and batch size against config.pbtxt before a
-    request reaches the bound function, and pytriton's backend stub refuses an empty tensor
-    ("cannot cast view with zeros in shape"), but height and width are dynamic: sides that
-    are not multiples of the contract's (the decoder would resize feature maps, which
-    training never did) and images too large for memory arrive here. A ValueError becomes
-    this request's error response and the server keeps serving (pytriton's
-    PyTritonUnrecoverableError would shut it down). Dynamic batching merges same-shape
-    requests only, so a refusal never fails another client's good request.
+    request reaches the bound function, and the stub extension refuses empty and non-finite
+    tensors per request, but height and width are dynamic: sides that are not multiples of
+    the contract's (the decoder would resize feature maps, which training never did) and
+    images too large for memory arrive here. A BadRequest becomes a 400 for the batch and
+    the server keeps serving (pytriton's PyTritonUnrecoverableError would shut it down).
+    Dynamic batching merges same-shape requests only, so every request of the batch shares
+    the problem and a refusal never fails another client's good request.
     """
     name, multiple = contract.input_name, contract.size_multiple
     height, width = images.shape[-2:]
     size = f"an image of {height} x {width} pixels (height x width)"
     if height * width > max_pixels:
-        raise ValueError(
+        raise BadRequest(
             f"input {name!r}: {size} is over serve.max_input_pixels ({max_pixels}); resize "
             f"the photograph to the model's working width ({contract.working_width}) as "
             f"drseg predict does, or raise serve.max_input_pixels"
         )
     if height % multiple or width % multiple:
-        raise ValueError(
+        raise BadRequest(
             f"input {name!r}: {size}; height and width must be multiples of {multiple}: pad "
             f"at the bottom and right by repeating edge pixels as drseg predict does "
             f"(drseg.export.onnx_export.pad_to_multiple)"
@@ -221,25 +204,27 @@ def running_server(
         )
     )
     try:
-        triton.bind(
-            model_name=model.name,
-            infer_func=[
-                _infer_function(session, contract, settings.max_input_pixels)
-                for _ in range(_instances(model.config))
-            ],
-            inputs=_tensors(model.config.input, config_path),
-            outputs=_tensors(model.config.output, config_path),
-            model_version=model.version,
-            config=ModelConfig(
-                max_batch_size=model.config.max_batch_size,
-                batcher=DynamicBatcher(
-                    preferred_batch_size=list(batcher.preferred_batch_size),
-                    max_queue_delay_microseconds=batcher.max_queue_delay_microseconds,
+        # pytriton sends the stub to Triton when the model loads, in bind() or run().
+        with refusing_bad_requests():
+            triton.bind(
+                model_name=model.name,
+                infer_func=[
+                    _infer_function(session, contract, settings.max_input_pixels)
+                    for _ in range(_instances(model.config))
+                ],
+                inputs=_tensors(model.config.input, config_path),
+                outputs=_tensors(model.config.output, config_path),
+                model_version=model.version,
+                config=ModelConfig(
+                    max_batch_size=model.config.max_batch_size,
+                    batcher=DynamicBatcher(
+                        preferred_batch_size=list(batcher.preferred_batch_size),
+                        max_queue_delay_microseconds=batcher.max_queue_delay_microseconds,
+                    ),
                 ),
-            ),
-            strict=True,
-        )
-        triton.run()
+                strict=True,
+            )
+            triton.run()
         host = settings.host
         yield RunningServer(
             model,

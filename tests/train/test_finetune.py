@@ -42,7 +42,7 @@ SETTINGS = FinetuneSettings(
     patch_size=64,
     batch_size=8,
     max_steps=36,
-    lr=3e-3,
+    lr=1e-3,  # 3e-3 learns faster but collapsed on one of five seeds (EX Dice 0.08)
     warmup_steps=3,
     schedule="poly",
     foreground_fraction=1.0,
@@ -53,9 +53,12 @@ SETTINGS = FinetuneSettings(
     precision="32-true",  # the same arithmetic on every host, whatever its CPU offers
 )
 KILL_AFTER_CHECKPOINTS = 2
-EX_DICE = 0.25
+EX_DICE = 0.12
 """Stated Dice for exudates on the training photographs after SETTINGS (36 steps of batch 8,
-~20 s on two idle cores); see test_reaches_the_stated_exudate_dice for the measured spread."""
+~20 s on two idle cores), half the lowest of ten measured runs (AVX2 EPYC, 2026-11-30):
+seeds 0-4 with 1 thread 0.24, 0.32, 0.35, 0.39, 0.43; with 2 threads 0.29, 0.35, 0.42, 0.45,
+0.34. The thread count (and the CPU) changes the order of floating-point sums, hence the
+numbers, but the run is deterministic for a given host."""
 RESUME_TOLERANCE = 1e-5
 """Largest difference allowed between a weight of the resumed run and of the uninterrupted
 one. Both run the same arithmetic on the same patches; only the order of floating-point
@@ -200,8 +203,8 @@ def test_loss_decreases(run: Run) -> None:
         before = np.mean([v[name] for v in first])
         after = np.mean([v[name] for v in last])
         assert after < 0.8 * before, f"{name}: {before:.3f} -> {after:.3f}"
-    assert first[0]["lr"] == pytest.approx(3e-3 / 3)
-    assert last[-1]["lr"] == pytest.approx(3e-3 * (1 / 33) ** 0.9)  # poly, step 35 of 3 + 33
+    assert first[0]["lr"] == pytest.approx(1e-3 / 3)
+    assert last[-1]["lr"] == pytest.approx(1e-3 * (1 / 33) ** 0.9)  # poly, step 35 of 3 + 33
 
 
 def test_resumed_run_equals_an_uninterrupted_one(run: Run, uninterrupted: FinetuneResult) -> None:

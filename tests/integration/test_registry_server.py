@@ -9,11 +9,11 @@ from urllib.parse import urlparse
 import pytest
 from mlflow import MlflowClient
 
-from drseg.config import GateSettings, TrackingSettings
+from drseg.config import TrackingSettings
 from drseg.gate import evaluate_gate
 from drseg.registry import (
     alias_history,
-    champion_metrics,
+    champion_version,
     download,
     promote,
     register_model,
@@ -21,7 +21,7 @@ from drseg.registry import (
 from drseg.tracking import stage_run
 from tests.integration.mlflow_server import ARTIFACTS_PREFIX, MlflowServer
 from tests.integration.s3_server import S3Server
-from tests.test_registry import relu_runs, write_model_files
+from tests.test_registry import GATE, one_class_metrics, relu_runs, write_model_files
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +41,8 @@ def test_register_and_promote_on_the_server(
     settings = TrackingSettings(uri=uri, experiment=f"drseg-{uuid.uuid4().hex[:8]}")
     with stage_run(settings, tmp_path / "home", "register", pipeline_run_id="p-1") as run:
         run_id = run.run_id
-    metrics = {
-        "split": "val",
-        "dataset_hash": DATASET,
-        "classes": {"EX": {"aupr": 0.8, "dice": 0.7, "iou": 0.54, "threshold": 0.4}},
-        "merged": {"dice": 0.82},
-    }
-    verdict = evaluate_gate(metrics, GateSettings(), None, DATASET)
+    metrics = one_class_metrics(merged=0.82)
+    verdict = evaluate_gate(metrics, GATE, None)
     name = f"seg-{uuid.uuid4().hex[:8]}"
     (tmp_path / "model").mkdir()
     files = write_model_files(tmp_path / "model")
@@ -71,9 +66,7 @@ def test_register_and_promote_on_the_server(
         ("promote", "champion", "1", "2"),
         ("promote", "challenger", "2", None),
     ]
-    champion = champion_metrics(uri, name)
-    assert champion is not None
-    assert (champion["version"], champion["dataset_hash"]) == ("2", DATASET)
+    assert champion_version(uri, name) == "2"
 
     # The server chose where the model went, and serves it back by alias.
     source = client.get_model_version(name, "2").source

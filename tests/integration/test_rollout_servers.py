@@ -33,7 +33,7 @@ from drseg.serving.client import Masks, prepare_photograph, served_masks
 from drseg.serving.repository import write_repository
 from drseg.serving.server import RunningServer, running_server
 from drseg.tracking import stage_run
-from tests.export import CLAHE, INGEST, write_metrics, write_tiny_model
+from tests.export import CLAHE, INGEST, THRESHOLDS, write_tiny_model
 from tests.integration.mlflow_server import MlflowServer
 from tests.kube_emulator import Clock, Controller, Emulator, triton_cluster
 from tests.ports import free_ports
@@ -67,7 +67,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         write_tiny_model(folder / "model", seed=seed)
         exported = export_onnx(
             folder / "model",
-            write_metrics(folder / "metrics.json"),
+            THRESHOLDS,
             folder / "model.onnx",
             ExportSettings(),
             INGEST,

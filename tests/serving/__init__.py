@@ -18,7 +18,7 @@ from drseg.export.onnx_export import export_onnx
 from drseg.serving.client import Protocol
 from drseg.serving.repository import write_repository
 from drseg.serving.server import RunningServer
-from tests.export import CLAHE, write_metrics, write_tiny_model
+from tests.export import CLAHE, THRESHOLDS, write_tiny_model
 from tests.ports import free_ports
 
 VERSION = 3
@@ -38,7 +38,7 @@ def export_tiny(work: Path, ingest_settings: IngestSettings) -> Path:
     write_tiny_model(work / "model")
     return export_onnx(
         work / "model",
-        write_metrics(work / "metrics.json"),
+        THRESHOLDS,
         work / "model.onnx",
         ExportSettings(),
         ingest_settings,

@@ -9,7 +9,7 @@ Agreement is Dice per lesion class between the canary's masks and stable's (the 
 pooled over all probe photographs (sums of TP, FP and FN, like the dataset-level Dice of
 evaluation); the lowest class is returned, so a canary that loses the microaneurysms cannot
 pass on the strength of agreeing exudates. A class that both servers leave empty agrees
-perfectly (EMPTY_DICE, 1.0): nothing found by either is the same answer.
+perfectly (1.0): nothing found by either is the same answer.
 """
 
 from __future__ import annotations
@@ -106,4 +106,4 @@ def mask_agreement(
         for photo in photos:
             stable, canary = (_masks(model, contract, photo) for model, contract in tracks)
             counts += _counts(stable, canary)
-    return min(dice_iou(*(int(n) for n in row))[0] for row in counts)
+    return min(dice_iou(int(tp), int(fp), int(fn), empty=1.0)[0] for tp, fp, fn in counts)

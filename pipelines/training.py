@@ -235,7 +235,12 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
                 False,
             ).set_display_name("register")
             engine = _cached(
-                _gpu(tensorrt(onnx=served, config=export_config), cluster),
+                _gpu(
+                    tensorrt(
+                        onnx=served, dataset=ingested.outputs["dataset"], config=export_config
+                    ),
+                    cluster,
+                ),
                 False,
             ).set_display_name("tensorrt")
             _cached(

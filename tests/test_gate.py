@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -265,7 +266,7 @@ def test_verdict_round_trips_as_json_between_steps() -> None:
     assert GateVerdict.model_validate_json(text) == verdict
 
 
-def test_metrics_round_trip_and_refuse_other_files(tmp_path: Any) -> None:
+def test_metrics_round_trip_and_refuse_other_files(tmp_path: Path) -> None:
     metrics = _metrics(merged=None, SE=None)
     path = metrics.write(tmp_path / "metrics.json")
     assert '"dice": null' in path.read_text()
@@ -292,3 +293,36 @@ def test_metrics_round_trip_and_refuse_other_files(tmp_path: Any) -> None:
 def test_settings_refuse_nonsense(bad: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         GateSettings.model_validate(bad)
+
+
+def _gate_cli(*args: Path | str) -> int:
+    from drseg.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["gate", *(str(a) for a in args)])
+    return int(exited.value.code or 0)
+
+
+def test_drseg_gate_exits_0_pass_1_fail_2_cannot_decide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DRSEG_TRACKING__ENABLED", "false")
+    monkeypatch.delenv("DRSEG_CONFIG", raising=False)
+    good = _metrics().write(tmp_path / "good.json")
+    one_eyed = _metrics(MA=0.0).write(tmp_path / "one_eyed.json")
+    champion = _metrics(merged=0.95, version=4).write(tmp_path / "champion.json")
+    elsewhere = _metrics(dataset_hash=OTHER_DATA).write(tmp_path / "elsewhere.json")
+
+    assert _gate_cli("--metrics", good) == 0
+    assert "not applicable: no --champion-metrics given" in capsys.readouterr().out
+    verdict = tmp_path / "verdict.json"
+    assert _gate_cli("--metrics", good, "--verdict", verdict) == 0
+    assert GateVerdict.model_validate_json(verdict.read_text()).passed
+    assert _gate_cli("--metrics", one_eyed) == 1
+    assert "**fail**" in capsys.readouterr().out
+    assert _gate_cli("--metrics", good, "--champion-metrics", champion) == 1  # 0.85 < 0.95 - 0.05
+    assert "vs @champion v4" in capsys.readouterr().out
+    assert _gate_cli("--metrics", good, "--champion-metrics", elsewhere) == 2
+    assert "cannot decide: the champion's metrics" in capsys.readouterr().err
+    assert _gate_cli("--metrics", tmp_path / "missing.json") == 2
+    assert "metrics file not found" in capsys.readouterr().err

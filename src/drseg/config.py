@@ -229,6 +229,11 @@ def check_order(low: Shape, opt: Shape, high: Shape) -> None:
         )
 
 
+def padded(side: float) -> int:
+    """The next multiple of SIZE_MULTIPLE at or above `side` (what the client pads to)."""
+    return -(-round(side) // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
 class ExportSettings(Section):
     opset: int = Field(17, ge=13)
     """ONNX opset; 17 loads in the ONNX Runtime of every Triton release since 23.02."""
@@ -237,21 +242,58 @@ class ExportSettings(Section):
     reconstruction: bool = False
     """Also export the reconstruction head as a second output (for previews only)."""
     trt_min_shape: Shape = (1, 256, 256)
-    trt_opt_shape: Shape = (1, 704, 1024)
-    """A 1024-wide IDRiD photograph is 1024 x 680, padded to 704 rows."""
-    trt_max_shape: Shape = (4, 1024, 1024)
+    trt_opt_shape: Shape | None = None
+    """None: derived from the working width and photo_aspect (trt_profile)."""
+    trt_max_shape: Shape | None = None
+    """None: derived from the working width, max_photo_aspect and trt_max_batch; a shape
+    given here must hold a working-size photograph, or the settings are refused at load."""
+    trt_max_batch: int = Field(4, ge=1)
+    photo_aspect: float = Field(2848 / 4288, gt=0.0, le=4.0)
+    """Height / width of the photographs served most (IDRiD's 4288 x 2848): the shape the
+    engine is tuned for."""
+    max_photo_aspect: float = Field(1.0, gt=0.0, le=4.0)
+    """The tallest photograph the engine must accept (1.0: square, as some cameras take)."""
     trt_fp16: bool = True
     trt_workspace_gib: float = Field(4.0, gt=0.0)
+    plan_agreement: float = Field(0.98, gt=0.0, le=1.0)
+    """A built TensorRT plan is served only if, on the validation photographs, its masks
+    agree with the ONNX graph's (the graph the gate scored) at least this much: per-class
+    Dice between the two, pooled over the photographs, lowest class."""
 
     @field_validator("trt_min_shape", "trt_opt_shape", "trt_max_shape")
     @classmethod
-    def _multiple_of_32(cls, value: Shape, info: ValidationInfo) -> Shape:
-        return check_shape(f"export.{info.field_name}", value)
+    def _multiple_of_32(cls, value: Shape | None, info: ValidationInfo) -> Shape | None:
+        return None if value is None else check_shape(f"export.{info.field_name}", value)
 
     @model_validator(mode="after")
-    def _ordered(self) -> ExportSettings:
-        check_order(self.trt_min_shape, self.trt_opt_shape, self.trt_max_shape)
+    def _max_at_least_the_tallest(self) -> ExportSettings:
+        if self.max_photo_aspect < self.photo_aspect:
+            raise ValueError(
+                f"export.max_photo_aspect {self.max_photo_aspect} is below photo_aspect "
+                f"{self.photo_aspect}; the tallest photograph cannot be shorter than the usual"
+            )
         return self
+
+
+def trt_profile(export: ExportSettings, working_width: int) -> tuple[Shape, Shape, Shape]:
+    """(min, opt, max) (batch, height, width) of the TensorRT optimisation profile for
+    photographs resized to `working_width`: opt is the usual photograph (photo_aspect), max
+    the tallest (max_photo_aspect) at trt_max_batch, both padded as the client pads. A
+    shape given in the settings is kept, and refused when it cannot hold what it must."""
+    width = padded(working_width)
+    opt = export.trt_opt_shape or (1, padded(working_width * export.photo_aspect), width)
+    needed = (padded(working_width * export.max_photo_aspect), width)
+    high = export.trt_max_shape or (export.trt_max_batch, *needed)
+    if high[1] < needed[0] or high[2] < needed[1]:
+        raise ValueError(
+            f"export.trt_max_shape {high} cannot hold a photograph at working width "
+            f"{working_width} ({needed[0]} x {needed[1]} padded, height / width up to "
+            f"export.max_photo_aspect {export.max_photo_aspect}); TensorRT would refuse it "
+            f"when served. Unset export.trt_max_shape to derive it, or give at least "
+            f"(batch, {needed[0]}, {needed[1]})"
+        )
+    check_order(export.trt_min_shape, opt, high)
+    return export.trt_min_shape, opt, high
 
 
 class ServeSettings(Section):
@@ -449,6 +491,11 @@ class Settings(Section):
     cluster: ClusterSettings = ClusterSettings()
     tracking: TrackingSettings = TrackingSettings()
     rollout: RolloutSettings = RolloutSettings()
+
+    @model_validator(mode="after")
+    def _tensorrt_profile_holds_the_working_size(self) -> Settings:
+        trt_profile(self.export, self.ingest.working_width)
+        return self
 
     @model_validator(mode="after")
     def _gate_floors_name_model_classes(self) -> Settings:

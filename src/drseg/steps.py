@@ -414,16 +414,38 @@ def register_step(
     return {"model_name": registry.model_name, "version": version, "alias": "challenger"}
 
 
-def engine_step(onnx_dir: Path, out_dir: Path, settings: ExportSettings) -> dict[str, Any]:
-    """A TensorRT engine where TensorRT and a GPU exist; else nothing, and says so."""
-    from drseg.export.tensorrt_build import build_engine
+def engine_step(
+    onnx_dir: Path, dataset_dir: Path, out_dir: Path, settings: ExportSettings, split: str = "val"
+) -> dict[str, Any]:
+    """A TensorRT engine where TensorRT and a GPU exist, kept only if its masks agree with
+    the graph's (the graph the gate scored) on the split's photographs of the ingest-stage
+    dataset (export.plan_agreement); else nothing, and says why the graph is served."""
+    from drseg.data.dataset import image_path, load_manifest
+    from drseg.evaluate.served import ServedGraph, mask_agreement
+    from drseg.export.tensorrt_build import PLAN_METADATA_FILE, build_engine, plan_runner
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)  # the output artifact, even when empty
-    result = build_engine(Path(onnx_dir) / ONNX_FILE, Path(out_dir), settings)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # the output artifact, even when empty
+    onnx_path = Path(onnx_dir) / ONNX_FILE
+    result = build_engine(onnx_path, out_dir, settings)
+    reason, plan = result.reason, result.plan
+    if plan is not None:
+        records = [r for r in load_manifest(dataset_dir).records if r.split == split]
+        photos = [image_path(Path(dataset_dir), r.id) for r in records]
+        graph = ServedGraph(onnx_path)
+        agreement = mask_agreement(
+            graph, ServedGraph(onnx_path, plan_runner(plan)), photos, settings.plan_agreement
+        )
+        if agreement.passed:
+            reason = f"{reason}; the plan {agreement.describe()}"
+        else:
+            plan.unlink()
+            (out_dir / PLAN_METADATA_FILE).unlink(missing_ok=True)
+            reason, plan = f"TensorRT plan refused: it {agreement.describe()}", None
     return {
-        "served_format": result.served_format,
-        "reason": result.reason,
-        "plan": None if result.plan is None else str(result.plan),
+        "served_format": "onnx" if plan is None else "tensorrt_plan",
+        "reason": reason,
+        "plan": None if plan is None else str(plan),
     }
 
 

@@ -91,7 +91,7 @@ def _register(args: argparse.Namespace, settings: Settings) -> None:
 def _tensorrt(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.steps import engine_step
 
-    built = engine_step(args.served, args.out, settings.export)
+    built = engine_step(args.served, args.dataset, args.out, settings.export)
     print(json.dumps(built, indent=2))
 
 
@@ -170,6 +170,9 @@ def add_verbs(verbs: Verbs) -> None:
         verbs, "tensorrt", _tensorrt, "TensorRT plan of the served graph, where TensorRT exists"
     )
     tensorrt.add_argument("--served", type=Path, required=True, help="served graph folder")
+    tensorrt.add_argument(
+        "--dataset", type=Path, required=True, help="dataset folder (ingest): the plan's check"
+    )
     tensorrt.add_argument("--out", type=Path, required=True, help="output folder")
 
     repository = add_verb(

@@ -10,35 +10,51 @@ graph with the same runtime), so the numbers the gate reads are those of the ser
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from drseg.contract import ServingContract, read_contract
+from drseg.evaluate.metrics import dice_iou
 from drseg.serving.client import Floats, Masks, lesion_masks, prepare_photograph
+
+Runner = Callable[[Floats], Floats]
+"""(N, 3, H, W) model input -> (N, C, H, W) probabilities: ONNX Runtime, or a TensorRT plan."""
 
 SCORED = "the exported graph in ONNX Runtime, whole photographs as `drseg predict` sends them"
 """What produced the probabilities; recorded in metrics.json (a champion's metrics are only
 comparable when scored the same way)."""
 
 
+def onnx_runner(onnx_path: Path, contract: ServingContract) -> Runner:
+    """The graph in ONNX Runtime on the CPU (the runtime Triton's ONNX backend uses)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def run(batch: Floats) -> Floats:
+        output = session.run([contract.output_name], {contract.input_name: batch})[0]
+        return np.asarray(output, np.float32)
+
+    return run
+
+
 class ServedGraph:
-    """One exported model.onnx and its serving contract, run on the CPU."""
+    """One exported model.onnx and its serving contract, run by `runner` (default: ONNX
+    Runtime on the CPU; a TensorRT plan built from the graph, to check it)."""
 
-    def __init__(self, onnx_path: Path) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, onnx_path: Path, runner: Runner | None = None) -> None:
         self.path = Path(onnx_path)
         self.contract: ServingContract = read_contract(self.path)
         self.classes = self.contract.classes
-        self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        self._run = runner or onnx_runner(self.path, self.contract)
 
     def probabilities(self, photograph: Path) -> tuple[Floats, Masks]:
         """(C, H, W) probabilities at the working size and the client's field of view."""
         prepared = prepare_photograph(Path(photograph), self.contract)
-        output = self._session.run(
-            [self.contract.output_name], {self.contract.input_name: prepared.model_input[None]}
-        )[0]
+        output = self._run(prepared.model_input[None])
         height, width = prepared.fov.shape
         return np.asarray(output[0, :, :height, :width], np.float32), prepared.fov
 
@@ -47,3 +63,50 @@ class ServedGraph:
         contract's: cross-fitting scores each fold at thresholds tuned on the others."""
         contract = self.contract.model_copy(update={"thresholds": thresholds})
         return lesion_masks(probabilities, fov, contract)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far another runtime's masks agree with the graph's, per class."""
+
+    dice: dict[str, float]
+    """Per class: Dice of the candidate's masks against the graph's, pooled over the
+    photographs; 1.0 where both leave the class empty (the same answer)."""
+    minimum: float
+    photographs: int
+
+    @property
+    def passed(self) -> bool:
+        return min(self.dice.values()) >= self.minimum
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{cls} {value:.4f}" for cls, value in self.dice.items())
+        verdict = "agrees" if self.passed else "DISAGREES"
+        return (
+            f"{verdict} with the ONNX graph on {self.photographs} validation photographs "
+            f"(mask Dice per class: {shown}; required >= {self.minimum})"
+        )
+
+
+def mask_agreement(
+    reference: ServedGraph, candidate: ServedGraph, photographs: Sequence[Path], minimum: float
+) -> Agreement:
+    """Per-class mask agreement of `candidate` (e.g. the FP16 TensorRT plan) with
+    `reference` (the graph the gate scored), both thresholded by the reference's contract."""
+    if not photographs:
+        raise ValueError("no photographs to compare the runtimes on; pass the validation split")
+    thresholds = reference.contract.thresholds
+    counts = np.zeros((len(reference.classes), 3), np.int64)
+    for photo in photographs:
+        probs, fov = reference.probabilities(photo)
+        theirs, _ = candidate.probabilities(photo)
+        ours = reference.masks(probs, fov, thresholds)
+        other = reference.masks(theirs, fov, thresholds)
+        for c in range(len(reference.classes)):
+            tp = int(np.count_nonzero(ours[c] & other[c]))
+            counts[c] += (tp, int(np.count_nonzero(other[c])) - tp, int(ours[c].sum()) - tp)
+    dice = {
+        cls: dice_iou(int(tp), int(fp), int(fn), empty=1.0)[0]
+        for cls, (tp, fp, fn) in zip(reference.classes, counts, strict=True)
+    }
+    return Agreement(dice, minimum, len(photographs))

@@ -241,7 +241,8 @@ class ExportSettings(Section):
     """Largest allowed |ONNX Runtime - PyTorch| over all output probabilities."""
     reconstruction: bool = False
     """Also export the reconstruction head as a second output (for previews only)."""
-    trt_min_shape: Shape = (1, 256, 256)
+    trt_min_shape: Shape | None = None
+    """None: (1, 256, 256), or the opt shape's sides where the working size is smaller."""
     trt_opt_shape: Shape | None = None
     """None: derived from the working width and photo_aspect (trt_profile)."""
     trt_max_shape: Shape | None = None
@@ -292,8 +293,9 @@ def trt_profile(export: ExportSettings, working_width: int) -> tuple[Shape, Shap
             f"when served. Unset export.trt_max_shape to derive it, or give at least "
             f"(batch, {needed[0]}, {needed[1]})"
         )
-    check_order(export.trt_min_shape, opt, high)
-    return export.trt_min_shape, opt, high
+    low = export.trt_min_shape or (1, min(256, opt[1]), min(256, opt[2]))
+    check_order(low, opt, high)
+    return low, opt, high
 
 
 class ServeSettings(Section):

@@ -47,6 +47,8 @@ def test_profile_is_derived_from_the_working_width_and_photo_shapes() -> None:
     )
     wide = optimization_profile(ExportSettings(), 2048)
     assert (wide.opt, wide.max) == ((1, 3, 1376, 2048), (4, 3, 2048, 2048))
+    small = optimization_profile(ExportSettings(), 128)  # the tests' working width
+    assert (small.min, small.opt, small.max) == ((1, 3, 96, 128), (1, 3, 96, 128), (4, 3, 128, 128))
 
 
 def test_shapes_given_in_the_settings_are_kept() -> None:

@@ -154,7 +154,7 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     printed = capsys.readouterr().out
     assert "ingest       success" in printed and "Executor" not in printed
     table = format_run_summary(summary, run)
-    assert "evaluate (validation split)" in table and "any-lesion Dice" in table
+    assert "evaluate (validation split; the exported graph" in table and "any-lesion Dice" in table
     assert "records" in (run / "pipeline.log").read_text()
 
 

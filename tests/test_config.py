@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from drseg.classes import LESION_TABLE, lesion_class
 from drseg.config import SettingsError, load_settings, settings_as_yaml
 
 
@@ -63,3 +64,27 @@ def test_aws_variables_feed_storage_and_secrets_are_masked() -> None:
     shown = settings_as_yaml(settings)
     assert "very-secret" not in shown and "AKIDEXAMPLE" not in shown
     assert "endpoint_url: http://127.0.0.1:9000" in shown
+
+
+def test_the_class_table_is_checked_when_the_settings_load() -> None:
+    """A mismatched class list fails in milliseconds, not after hours of pretraining."""
+    assert load_settings(environ={}).finetune.class_sampling == tuple(
+        row.sampling_share for row in LESION_TABLE
+    )
+    assert lesion_class("SE").folders == ("4. Soft Exudates",)
+    cases = {
+        "DRSEG_MODEL__CLASSES": ("[MA, OD]", r"each must be one of the lesion classes"),
+        "DRSEG_FINETUNE__CLASS_WEIGHTS": ("[1, 1]", r"finetune.class_weights has 2 values"),
+    }
+    for variable, (value, message) in cases.items():
+        with pytest.raises(SettingsError, match=message):
+            load_settings(environ={variable: value})
+    two = load_settings(
+        environ={
+            "DRSEG_MODEL__CLASSES": "[HE, EX]",
+            "DRSEG_FINETUNE__CLASS_SAMPLING": "[0.5, 0.5]",
+            "DRSEG_FINETUNE__CLASS_WEIGHTS": "[1, 1]",
+            "DRSEG_GATE__CLASS_MINIMUMS": "{HE: 0.3, EX: 0.3}",
+        }
+    )
+    assert two.model.classes == ("HE", "EX")

@@ -26,8 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-LESION_CLASSES: tuple[str, ...] = ("MA", "HE", "EX", "SE")
-"""The four lesion classes the model segments, in channel order."""
+from drseg.classes import LESION_CLASSES, LESION_TABLE
 
 ENV_PREFIX = "DRSEG_"
 
@@ -114,10 +113,10 @@ class FinetuneSettings(TrainingRunSettings):
     schedule: Literal["cosine", "poly"] = "cosine"
     foreground_fraction: float = Field(0.6, ge=0.0, le=1.0)
     """Share of patches centred on a lesion pixel; the rest are uniform inside the FOV."""
-    class_sampling: tuple[float, ...] = (0.35, 0.25, 0.2, 0.2)
+    class_sampling: tuple[float, ...] = tuple(row.sampling_share for row in LESION_TABLE)
     """Per lesion class (model.classes order): how often a foreground patch centres on it.
     Rare classes (MA, SE) get more than their pixel share, or they are barely seen."""
-    class_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    class_weights: tuple[float, ...] = tuple(row.loss_weight for row in LESION_TABLE)
     """Per-class weight of the Dice + BCE loss."""
     reconstruction_loss: Literal["l1", "mse"] = "l1"
     reconstruction_input: Literal["clean", "noised", "masked"] = "masked"
@@ -493,6 +492,25 @@ class Settings(Section):
     cluster: ClusterSettings = ClusterSettings()
     tracking: TrackingSettings = TrackingSettings()
     rollout: RolloutSettings = RolloutSettings()
+
+    @model_validator(mode="after")
+    def _classes_from_the_table(self) -> Settings:
+        """Checked here, in milliseconds, instead of when fine-tuning starts."""
+        classes = self.model.classes
+        unknown = [c for c in classes if c not in LESION_CLASSES]
+        if unknown or len(set(classes)) != len(classes) or not classes:
+            raise ValueError(
+                f"model.classes {list(classes)}: each must be one of the lesion classes "
+                f"{list(LESION_CLASSES)} (drseg.classes), once"
+            )
+        for name in ("class_sampling", "class_weights"):
+            values = getattr(self.finetune, name)
+            if len(values) != len(classes):
+                raise ValueError(
+                    f"finetune.{name} has {len(values)} values for the {len(classes)} "
+                    f"model.classes {list(classes)}; give one value per class, in that order"
+                )
+        return self
 
     @model_validator(mode="after")
     def _tensorrt_profile_holds_the_working_size(self) -> Settings:

@@ -180,20 +180,6 @@ NO_CHAMPION_FILE = "no_champion.txt"
 """In an evaluation folder instead of champion/: why no champion was scored."""
 
 
-def _check_dataset_width(dataset_dir: Path, contract: ServingContract, graph: Path) -> None:
-    """The photographs must be at the graph's working width, or the client would resize
-    them and the masks would not match the truth pixel for pixel."""
-    from drseg.data.dataset import load_manifest
-
-    width = load_manifest(dataset_dir).params.get("working_width")
-    if width != contract.working_width:
-        raise ValueError(
-            f"{dataset_dir}: photographs at working width {width}, but {graph} serves "
-            f"{contract.working_width}; evaluate on the ingest-stage dataset the model was "
-            f"trained from"
-        )
-
-
 def _champion_graph(
     registry: RegistrySettings, tracking: TrackingSettings, home: Path, dst: Path
 ) -> tuple[int, Path] | str:
@@ -281,13 +267,13 @@ def evaluate_step(
     with the thresholds tuned on the whole split in its contract. All tracked."""
     from drseg.data.dataset import load_manifest
     from drseg.evaluate.report import REPORT_FILE, evaluate_dataset
-    from drseg.evaluate.served import SCORED, ServedGraph
+    from drseg.evaluate.served import SCORED, ServedGraph, check_photographs
     from drseg.export.onnx_export import with_thresholds
     from drseg.tracking import stage_run
 
     onnx_path = Path(onnx_dir) / ONNX_FILE
     graph = ServedGraph(onnx_path)
-    _check_dataset_width(Path(dataset_dir), graph.contract, onnx_path)
+    check_photographs(Path(dataset_dir), graph.contract, onnx_path)
     with stage_run(
         tracking,
         home,

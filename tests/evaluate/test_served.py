@@ -13,7 +13,7 @@ from drseg.data.ingest import ingest
 from drseg.data.synthetic import write_synthetic_dataset
 from drseg.evaluate.metrics import ThresholdedDice
 from drseg.evaluate.report import evaluate_dataset
-from drseg.evaluate.served import SCORED, ServedGraph
+from drseg.evaluate.served import SCORED, ServedGraph, check_photographs
 from drseg.serving.client import predict
 from drseg.serving.server import running_server
 from tests.export import INGEST, clahe_dataset_from
@@ -64,10 +64,16 @@ def test_the_gates_dice_is_what_predicts_masks_score(tmp_path: Path) -> None:
     assert metrics.merged.dice == pytest.approx(scores.merged_dice(), abs=1e-12)
 
 
-def test_a_clahe_stage_dataset_is_refused(tmp_path: Path) -> None:
-    """The served path applies CLAHE itself: a CLAHE-stage photograph would get it twice."""
+def test_only_what_predict_is_sent_is_scored(tmp_path: Path) -> None:
+    """The served path applies CLAHE itself (a CLAHE-stage photograph would get it twice)
+    and resizes to the graph's working width (the truth must be at that width)."""
     write_synthetic_dataset(tmp_path / "source", n=3, seed=2, width=256)
     enhanced = clahe_dataset_from(tmp_path / "source", tmp_path)
-    graph = ServedGraph(export_tiny(tmp_path / "export", INGEST))
+    onnx_path = export_tiny(tmp_path / "export", INGEST)
+    contract = ServedGraph(onnx_path).contract
     with pytest.raises(ValueError, match="CLAHE-stage dataset; pass the ingest-stage dataset"):
-        evaluate_dataset(graph, enhanced, tmp_path / "eval", EvaluateSettings(), SCORED)
+        check_photographs(enhanced, contract, onnx_path)
+    other_width = contract.model_copy(update={"working_width": 256})
+    with pytest.raises(ValueError, match=r"photographs at working width 192, but .* serves 256"):
+        check_photographs(tmp_path / "ingested", other_width, onnx_path)
+    check_photographs(tmp_path / "ingested", contract, onnx_path)

@@ -92,11 +92,6 @@ def _split_records(
             f"{root}: the dataset has classes {manifest.classes}, not {unknown}; evaluate "
             f"classes the dataset was ingested with"
         )
-    if "clahe" in manifest.params:
-        raise ValueError(
-            f"{root}: a CLAHE-stage dataset; pass the ingest-stage dataset (its photographs "
-            f"are what `drseg predict` is sent: the served path applies CLAHE itself)"
-        )
     records = [r for r in manifest.records if r.split == split]
     if not records:
         splits = sorted({r.split for r in manifest.records})

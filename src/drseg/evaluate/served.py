@@ -41,6 +41,27 @@ def onnx_runner(onnx_path: Path, contract: ServingContract) -> Runner:
     return run
 
 
+def check_photographs(dataset_dir: Path, contract: ServingContract, graph: Path) -> None:
+    """The dataset must hold what `drseg predict` is sent, at the graph's working width:
+    the ingest-stage photographs (the client applies CLAHE itself; a CLAHE-stage photograph
+    would get it twice), resized as the client resizes (or masks and truth would not match
+    pixel for pixel)."""
+    from drseg.data.dataset import load_manifest
+
+    params = load_manifest(dataset_dir).params
+    if "clahe" in params:
+        raise ValueError(
+            f"{dataset_dir}: a CLAHE-stage dataset; pass the ingest-stage dataset (its "
+            f"photographs are what `drseg predict` is sent: the served path applies CLAHE itself)"
+        )
+    if params.get("working_width") != contract.working_width:
+        raise ValueError(
+            f"{dataset_dir}: photographs at working width {params.get('working_width')}, but "
+            f"{graph} serves {contract.working_width}; evaluate on the ingest-stage dataset "
+            f"the model was trained from"
+        )
+
+
 class ServedGraph:
     """One exported model.onnx and its serving contract, run by `runner` (default: ONNX
     Runtime on the CPU; a TensorRT plan built from the graph, to check it)."""

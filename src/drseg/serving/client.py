@@ -41,11 +41,11 @@ import numpy as np
 import numpy.typing as npt
 
 from drseg import atomic
+from drseg.classes import CLASS_COLOURS, OTHER_COLOUR
 from drseg.config import IngestSettings
 from drseg.contract import ServingContract, pad_to_multiple, read_contract
 from drseg.data import dataset
 from drseg.data.validation import Rejected, decode_image, read_header
-from drseg.evaluate.plots import CLASS_COLOURS, OTHER_COLOUR
 from drseg.preprocess import clahe, fov_mask, resize_image, working_size
 
 Protocol = Literal["http", "grpc"]

@@ -129,11 +129,13 @@ def test_the_default_floors_are_below_every_class_of_the_passing_make_run() -> N
 
 
 def test_floors_must_name_the_model_classes_at_settings_load() -> None:
+    two = {
+        "model": {"classes": ["HE", "EX"]},
+        "finetune": {"class_sampling": [0.5, 0.5], "class_weights": [1, 1]},
+    }
     with pytest.raises(ValidationError, match=r"gate.class_minimums names \['MA', 'SE'\]"):
-        Settings.model_validate({"model": {"classes": ["HE", "EX"]}})
-    Settings.model_validate(
-        {"model": {"classes": ["HE", "EX"]}, "gate": {"class_minimums": {"HE": 0.3}}}
-    )
+        Settings.model_validate(two)
+    Settings.model_validate({**two, "gate": {"class_minimums": {"HE": 0.3}}})
 
 
 def test_a_per_lesion_metric_must_be_reached_by_every_class() -> None:

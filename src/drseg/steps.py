@@ -29,6 +29,7 @@ from drseg.evaluate.schema import METRICS_FILE, Metrics
 
 if TYPE_CHECKING:
     from drseg.contract import ServingContract
+    from drseg.evaluate.served import ServedGraph
 
 
 class _TrainingResult(Protocol):
@@ -180,12 +181,18 @@ NO_CHAMPION_FILE = "no_champion.txt"
 """In an evaluation folder instead of champion/: why no champion was scored."""
 
 
-def _champion_graph(
-    registry: RegistrySettings, tracking: TrackingSettings, home: Path, dst: Path
-) -> tuple[int, Path] | str:
-    """(version, model.onnx) of @champion, or why there is none to score."""
+def _comparable_champion(
+    challenger: ServingContract,
+    registry: RegistrySettings,
+    tracking: TrackingSettings,
+    home: Path,
+    dst: Path,
+) -> tuple[int, ServedGraph] | str:
+    """(version, graph) of @champion, downloaded into `dst`, when it can be scored on the
+    challenger's photographs; else why not."""
     if not tracking.enabled:
         return "tracking is off (tracking.enabled false), so there is no registry to ask"
+    from drseg.evaluate.served import ServedGraph
     from drseg.registry import champion_version, download_onnx
     from drseg.tracking import tracking_uri
 
@@ -193,7 +200,16 @@ def _champion_graph(
     version = champion_version(uri, registry.model_name)
     if version is None:
         return f"{registry.model_name} has no @champion yet"
-    return int(version), download_onnx(uri, registry.model_name, version, dst)
+    graph = ServedGraph(download_onnx(uri, registry.model_name, version, dst))
+    theirs = graph.contract
+    if theirs.classes != challenger.classes:
+        return f"@champion v{version} segments {theirs.classes}, not {challenger.classes}"
+    if theirs.working_width != challenger.working_width:
+        return (
+            f"@champion v{version} works at width {theirs.working_width}, the challenger at "
+            f"{challenger.working_width}: they cannot be scored on the same photographs"
+        )
+    return int(version), graph
 
 
 def _score_champion(
@@ -211,34 +227,17 @@ def _score_champion(
     import tempfile
 
     from drseg.evaluate.report import evaluate_dataset
-    from drseg.evaluate.served import SCORED, ServedGraph
+    from drseg.evaluate.served import SCORED
 
     with tempfile.TemporaryDirectory(prefix="drseg-champion-") as tmp:
-        found = _champion_graph(registry, tracking, home, Path(tmp))
-        reason = found if isinstance(found, str) else None
-        if not isinstance(found, str):
-            version, path = found
-            graph = ServedGraph(path)
-            theirs = graph.contract
-            if theirs.classes != challenger.classes:
-                reason = f"@champion v{version} segments {theirs.classes}, not {challenger.classes}"
-            elif theirs.working_width != challenger.working_width:
-                reason = (
-                    f"@champion v{version} works at width {theirs.working_width}, the "
-                    f"challenger at {challenger.working_width}: not the same photographs"
-                )
-            else:
-                return evaluate_dataset(
-                    graph,
-                    dataset_dir,
-                    work / CHAMPION_DIR,
-                    settings,
-                    SCORED,
-                    split,
-                    model_version=version,
-                ).metrics
-    atomic.write_text(work / NO_CHAMPION_FILE, f"{reason}\n")
-    return None
+        found = _comparable_champion(challenger, registry, tracking, home, Path(tmp))
+        if isinstance(found, str):
+            atomic.write_text(work / NO_CHAMPION_FILE, f"{found}\n")
+            return None
+        version, graph = found
+        return evaluate_dataset(
+            graph, dataset_dir, work / CHAMPION_DIR, settings, SCORED, split, model_version=version
+        ).metrics
 
 
 @dataclass(frozen=True)

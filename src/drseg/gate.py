@@ -116,8 +116,8 @@ def _check_comparable(metrics: Metrics, champion: Metrics) -> None:
             f"the champion's metrics (dataset {champion.dataset_hash[:19]}, split "
             f"{champion.split}, {champion.images} images, {champion.scored}) were not computed "
             f"on the challenger's photographs (dataset {metrics.dataset_hash[:19]}, split "
-            f"{metrics.split}, {metrics.images} images, {metrics.scored}); score the champion's "
-            f"graph on the same split with the same code (drseg evaluate --champion)"
+            f"{metrics.split}, {metrics.images} images, {metrics.scored}); pass the champion/ "
+            f"metrics that `drseg evaluate` wrote beside the challenger's"
         )
 
 
@@ -132,7 +132,9 @@ def _regression_rows(
         summary = f"no class {label} or merged Dice more than {delta:g} below @champion"
         return [_not_applicable(summary, f"not applicable: {no_champion}")]
     _check_comparable(metrics, champion)
-    version = f"@champion v{champion.model_version}"
+    version = "@champion" + (
+        "" if champion.model_version is None else f" v{champion.model_version}"
+    )
     compared: list[tuple[str, Number, Number, str]] = [
         (
             f"{cls} {label}",

@@ -52,7 +52,9 @@ PREVIOUS = "previous"
 TAG_EVAL_DATASET_HASH = "drseg.eval_dataset_hash"
 """Content hash of the dataset the version's metrics were computed on."""
 TAG_METRICS = "drseg.metrics"
-"""The version's metrics.json, as JSON."""
+"""The version's metrics.json without its notes, as JSON: the SQL stores keep a tag value in
+a VARCHAR(5000) column, which the notes alone come close to; the whole file is the
+version's evaluation/metrics.json."""
 TAG_GATE = "drseg.gate"
 """One-line gate verdict."""
 EVENT_TAG_PREFIX = "drseg.alias_event."
@@ -351,7 +353,7 @@ def register_model(
         TAG_GIT_COMMIT: git_commit,
         TAG_PIPELINE_RUN_ID: pipeline_run_id,
         TAG_GATE: verdict_summary(verdict),
-        TAG_METRICS: metrics.model_dump_json(),
+        TAG_METRICS: metrics.model_copy(update={"notes": ()}).model_dump_json(),
     }
     logged = client.create_logged_model(
         experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="onnx"

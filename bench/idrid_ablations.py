@@ -2,8 +2,9 @@
 
 One fixed validation split of the 54 IDRiD training photographs (ingest.val_fraction 0.2,
 split_seed 0: 11 photographs, stratified by lesion classes); every arm fine-tunes for the
-same number of steps with the same batch, then is scored on that split with thresholds
-tuned on it (as the evaluate stage does). Arms:
+same number of steps with the same batch, then is scored on that split with cross-fitted
+thresholds, as the evaluate stage scores (but by tiled PyTorch inference on the arm's own
+dataset, so that the no-CLAHE arm can be scored at all). Arms:
 
     base        random init, reconstruction head (weight 0.1, masked input), CLAHE
     base-seed1  the same with seed 1: the spread between two seeds is the noise floor
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from drseg.config import (
@@ -38,12 +40,51 @@ from drseg.config import (
     ModelSettings,
     PretrainSettings,
 )
+from drseg.data import dataset
 from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
 from drseg.evaluate.report import evaluate_dataset
+from drseg.evaluate.tiling import predict_probabilities
+from drseg.models.normalize import image_to_tensor
 from drseg.train.finetune import finetune, load_trained_model
 
 ARMS = ("base", "base-seed1", "simclr", "no-recon", "no-clahe")
+
+
+class TiledModel:
+    """A trained network as an evaluation scorer (drseg.evaluate.report.Scorer): Gaussian
+    tiled inference on the dataset's own photographs (already preprocessed), thresholded
+    inside the dataset's field of view."""
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        classes: tuple[str, ...],
+        root: Path,
+        tile: int,
+        device: str,
+    ) -> None:
+        self.network, self.classes, self.root = network, classes, root
+        self.tile, self.device = tile, device
+
+    def probabilities(self, photograph: Path) -> tuple[np.ndarray, np.ndarray]:
+        rgb = dataset.read_rgb(photograph)
+        probs = predict_probabilities(
+            lambda batch: self.network(batch)[0],
+            image_to_tensor(rgb),
+            self.tile,
+            0.5,
+            4,
+            False,
+            self.device,
+        ).numpy()
+        return probs, dataset.read_mask(dataset.fov_path(self.root, photograph.stem))
+
+    def masks(
+        self, probabilities: np.ndarray, fov: np.ndarray, thresholds: dict[str, float]
+    ) -> np.ndarray:
+        edges = np.array([thresholds[c] for c in self.classes])[:, None, None]
+        return np.asarray((probabilities >= edges) & fov[None])
 
 
 def _prepare(args: argparse.Namespace, work: Path) -> dict[str, Path]:
@@ -117,23 +158,19 @@ def _run_arm(
     train_seconds = time.perf_counter() - started
     device = "cuda" if torch.cuda.is_available() else "cpu"
     network = load_trained_model(trained.weights, model, device)
-
-    def logits(batch: torch.Tensor) -> torch.Tensor:
-        return network(batch)[0]
-
+    scorer = TiledModel(network, model.classes, data, args.tile, device)
     evaluation = evaluate_dataset(
-        logits,
+        scorer,
         data,
         work / arm / "evaluation",
-        model.classes,
-        EvaluateSettings(tile_size=args.tile, tta_flips=False, overlays=2),
-        device=device,
+        EvaluateSettings(overlays=2),
+        f"tiled PyTorch inference, {args.tile} px tiles, no flips",
     )
-    classes = evaluation.metrics["classes"]
+    classes = {c: m.model_dump() for c, m in evaluation.metrics.classes.items()}
     return {
         "aupr": {c: classes[c]["aupr"] for c in model.classes},
         "dice": {c: classes[c]["dice"] for c in model.classes},
-        "merged_dice": evaluation.metrics["merged"]["dice"],
+        "merged_dice": evaluation.metrics.merged.dice,
         "finetune_seconds": round(train_seconds, 1),
         "pretrain_seconds": round(pretrain_seconds, 1),
     }

@@ -1,37 +1,44 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import TRAINER_IMAGE
+from components import RUNTIME_IMAGE
 
 
-@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def evaluate(
-    model: Input[Model],
+    onnx: Input[Model],
     dataset: Input[Dataset],
     config: str,
+    registry_config: str,
     pipeline_run_id: str,
     metrics: Output[Metrics],
     report: Output[Markdown],
     evaluation: Output[Artifact],
+    served: Output[Model],
 ) -> float:
-    """Tiled inference and IDRiD-style metrics on the validation split; returns merged Dice."""
+    """The exported graph scored as served on the validation split (cross-fitted
+    thresholds), and @champion's graph on the same photographs; `served` is the graph with
+    the tuned thresholds in its contract. Returns the merged Dice (-1 when undefined)."""
     import shutil
     from pathlib import Path
 
-    from drseg.config import EvaluateSettings, load_settings
+    from drseg.config import EvaluateSettings, RegistrySettings, load_settings
     from drseg.steps import evaluate_step
 
     env = load_settings()
     outcome = evaluate_step(
-        Path(model.path),
+        Path(onnx.path),
         Path(dataset.path),
         Path(evaluation.path),
+        Path(served.path),
         EvaluateSettings.model_validate_json(config),
+        RegistrySettings.model_validate_json(registry_config),
         env.tracking,
         env.home,
         pipeline_run_id,
     )
-    for name, value in outcome.scalars.items():
+    for name, value in outcome.metrics.scalars().items():
         metrics.log_metric(name, value)
     shutil.copyfile(outcome.report, report.path)
-    return float(outcome.metrics["merged"]["dice"])
+    merged = outcome.metrics.merged.dice
+    return -1.0 if merged is None else merged

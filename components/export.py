@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Model, Output
+from kfp.dsl import Dataset, Input, Model, Output
 
 from components import TRAINER_IMAGE
 
@@ -7,7 +7,6 @@ from components import TRAINER_IMAGE
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def export(
     model: Input[Model],
-    evaluation: Input[Artifact],
     dataset: Input[Dataset],
     config: str,
     ingest_config: str,
@@ -22,7 +21,6 @@ def export(
 
     summary = export_step(
         Path(model.path),
-        Path(evaluation.path),
         Path(dataset.path),
         Path(onnx.path),
         ExportSettings.model_validate_json(config),

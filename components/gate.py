@@ -8,7 +8,6 @@ from components import RUNTIME_IMAGE
 def gate(
     evaluation: Input[Artifact],
     config: str,
-    registry_config: str,
     pipeline_run_id: str,
     verdict: Output[Artifact],
     report: Output[Markdown],
@@ -16,14 +15,16 @@ def gate(
     """The evaluation gate: True when every rule passes; the table goes to `report`."""
     from pathlib import Path
 
-    from drseg.config import GateSettings, RegistrySettings, load_settings
-    from drseg.steps import gate_step
+    from drseg.config import GateSettings, load_settings
+    from drseg.steps import gate_step, read_evaluation
 
     env = load_settings()
+    metrics, champion, no_champion = read_evaluation(Path(evaluation.path))
     outcome = gate_step(
-        Path(evaluation.path),
+        metrics,
+        champion,
+        no_champion,
         GateSettings.model_validate_json(config),
-        RegistrySettings.model_validate_json(registry_config),
         env.tracking,
         env.home,
         pipeline_run_id,

@@ -82,8 +82,8 @@ def _gpu(task: dsl.PipelineTask, cluster: ClusterSettings) -> dsl.PipelineTask:
 
 def _prepared(
     source: str, ingest_config: str, clahe_config: str, cluster: ClusterSettings, prefix: str
-) -> dsl.PipelineTask:
-    """fingerprint -> ingest -> CLAHE of one source; returns the CLAHE task.
+) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+    """fingerprint -> ingest -> CLAHE of one source; returns the ingest and CLAHE tasks.
 
     KFP keys a task's cache on its parameters and on the identity of its input artifacts,
     never on the data behind a path. So only the cheap listing hash always runs; ingest is
@@ -109,7 +109,7 @@ def _prepared(
     listed.set_display_name(f"{prefix}fingerprint")
     ingested.set_display_name(f"{prefix}ingest")
     enhanced.set_display_name(f"{prefix}clahe")
-    return enhanced
+    return ingested, enhanced
 
 
 def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False) -> GraphComponent:
@@ -142,8 +142,10 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
         # is per run, and from the gate on it reads or changes state outside the run (the
         # registry's @champion, the model repository), so a cached result would be a stale
         # answer: those always run.
-        enhanced = _prepared(source, ingest_config, clahe_config, cluster, "")
-        enhanced_pool = _prepared(pool_source, pool_ingest_config, clahe_config, cluster, "pool-")
+        ingested, enhanced = _prepared(source, ingest_config, clahe_config, cluster, "")
+        _, enhanced_pool = _prepared(
+            pool_source, pool_ingest_config, clahe_config, cluster, "pool-"
+        )
         pretrain_task = pretrain(
             pool=enhanced_pool.outputs["enhanced"],
             pool_hash=enhanced_pool.outputs["Output"],
@@ -173,28 +175,38 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
             ),
             False,
         ).set_display_name("finetune")
+        # The gate scores the served artifact: export first, then evaluate THE GRAPH on the
+        # photographs as `drseg predict` sends them (the ingest-stage dataset: the client
+        # applies CLAHE itself), beside @champion's graph on the same photographs.
+        exported = _cached(
+            export(
+                model=trained.outputs["model"],
+                dataset=enhanced.outputs["enhanced"],
+                config=export_config,
+                ingest_config=ingest_config,
+                clahe_config=clahe_config,
+            ),
+            False,
+        ).set_display_name("export")
+        # evaluate reads the registry's @champion, which moves: never cached.
         evaluated = _cached(
-            _gpu(
-                _tracking(
-                    evaluate(
-                        model=trained.outputs["model"],
-                        dataset=enhanced.outputs["enhanced"],
-                        config=evaluate_config,
-                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                    ),
-                    cluster,
+            _tracking(
+                evaluate(
+                    onnx=exported.outputs["onnx"],
+                    dataset=ingested.outputs["dataset"],
+                    config=evaluate_config,
+                    registry_config=registry_config,
+                    pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 ),
                 cluster,
             ),
             False,
         ).set_display_name("evaluate")
-        # The gate compares against the registry's current @champion, which moves.
         verdict = _cached(
             _tracking(
                 gate(
                     evaluation=evaluated.outputs["evaluation"],
                     config=gate_config,
-                    registry_config=registry_config,
                     pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 ),
                 cluster,
@@ -203,24 +215,15 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
         ).set_display_name("gate")
         # A failed gate ends the run here, cleanly: nothing below runs, nothing is registered.
         with dsl.If(verdict.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a DSL condition)
-            # export, tensorrt and triton-repository feed this run's registered version; a
-            # cached artifact from an earlier run would be served under the new version.
-            exported = _cached(
-                export(
-                    model=trained.outputs["model"],
-                    evaluation=evaluated.outputs["evaluation"],
-                    dataset=enhanced.outputs["enhanced"],
-                    config=export_config,
-                    ingest_config=ingest_config,
-                    clahe_config=clahe_config,
-                ),
-                False,
-            ).set_display_name("export")
+            # The served graph is the one the gate scored, with the thresholds evaluation
+            # tuned in its contract; tensorrt and triton-repository feed this run's version,
+            # so a cached artifact from an earlier run would be served under it.
+            served = evaluated.outputs["served"]
             # register creates a registry version: it must happen once per passing run.
             registered = _cached(
                 _tracking(
                     register(
-                        onnx=exported.outputs["onnx"],
+                        onnx=served,
                         model=trained.outputs["model"],
                         evaluation=evaluated.outputs["evaluation"],
                         verdict=verdict.outputs["verdict"],
@@ -232,12 +235,17 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
                 False,
             ).set_display_name("register")
             engine = _cached(
-                _gpu(tensorrt(onnx=exported.outputs["onnx"], config=export_config), cluster),
+                _gpu(
+                    tensorrt(
+                        onnx=served, dataset=ingested.outputs["dataset"], config=export_config
+                    ),
+                    cluster,
+                ),
                 False,
             ).set_display_name("tensorrt")
             _cached(
                 triton_repository(
-                    onnx=exported.outputs["onnx"],
+                    onnx=served,
                     engine=engine.outputs["engine"],
                     version=registered.outputs["Output"],
                     config=serve_config,

@@ -111,10 +111,19 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             "drseg registry: error: no registered model 'drseg-lesions' at sqlite:",
         ),
         (
-            ["evaluate", "--model", "nowhere", "--dataset", "nothing", "--out", "o"],
+            [
+                "evaluate",
+                "--onnx",
+                "nowhere",
+                "--dataset",
+                "nothing",
+                "--out",
+                "o",
+                "--served",
+                "s",
+            ],
             {"DRSEG_TRACKING__ENABLED": "false"},
-            "drseg evaluate: error: nowhere: not a drseg model folder (no model.json); create "
-            "one with `drseg finetune`",
+            "drseg evaluate: error: nowhere/model.onnx: ONNX file not found; pass the model.onnx",
         ),
     ],
 )

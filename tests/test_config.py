@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from drseg.classes import LESION_TABLE, lesion_class
 from drseg.config import SettingsError, load_settings, settings_as_yaml, with_options
 
 
@@ -120,7 +121,6 @@ def test_a_misspelt_variable_is_refused_by_name() -> None:
             r"of 32 .*; use 96",
         ),
         ({"DRSEG_PRETRAIN__CROP_SIZE": "200"}, r"pretrain\.crop_size .*: 200 .* use 192"),
-        ({"DRSEG_EVALUATE__TILE_SIZE": "16"}, r"evaluate\.tile_size .*: 16 .* use 32"),
         (
             {"DRSEG_MODEL__CLASSES": "[MA, HE]"},
             r"finetune\.class_sampling has 4 values for the 2 model\.classes \['MA', 'HE'\]; "
@@ -164,3 +164,27 @@ def test_command_line_options_are_checked_like_settings() -> None:
     )
     with pytest.raises(SettingsError, match=r"ingest\.working_width \(from the command line\)"):
         with_options(ingest, "ingest", {"working_width": 10})
+
+
+def test_the_class_table_is_checked_when_the_settings_load() -> None:
+    """A mismatched class list fails in milliseconds, not after hours of pretraining."""
+    assert load_settings(environ={}).finetune.class_sampling == tuple(
+        row.sampling_share for row in LESION_TABLE
+    )
+    assert lesion_class("SE").folders == ("4. Soft Exudates",)
+    cases = {
+        "DRSEG_MODEL__CLASSES": ("[MA, OD]", r"each must be one of the lesion classes"),
+        "DRSEG_FINETUNE__CLASS_WEIGHTS": ("[1, 1]", r"finetune.class_weights has 2 values"),
+    }
+    for variable, (value, message) in cases.items():
+        with pytest.raises(SettingsError, match=message):
+            load_settings(environ={variable: value})
+    two = load_settings(
+        environ={
+            "DRSEG_MODEL__CLASSES": "[HE, EX]",
+            "DRSEG_FINETUNE__CLASS_SAMPLING": "[0.5, 0.5]",
+            "DRSEG_FINETUNE__CLASS_WEIGHTS": "[1, 1]",
+            "DRSEG_GATE__CLASS_MINIMUMS": "{HE: 0.3, EX: 0.3}",
+        }
+    )
+    assert two.model.classes == ("HE", "EX")

@@ -58,8 +58,9 @@ def write_failure_report(out: Path, files: dict[str, str]) -> None:
 
 
 def _reusable(out: Path) -> bool:
-    """`out` is empty, or holds only the report of a failed run."""
-    names = {p.name for p in out.iterdir()}
+    """`out` is empty, or holds only the report of a failed run. The lock of a working
+    folder (another output_dir's, when one output is built inside another) counts as empty."""
+    names = {p.name for p in out.iterdir()} - {_LOCK}
     if not names:
         return True
     try:

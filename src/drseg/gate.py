@@ -1,39 +1,29 @@
 """The evaluation gate: may this model be registered as a challenger?
 
-Plain functions over the evaluate stage's metrics.json (see drseg.evaluate.report). Every
+Plain functions over the evaluate stage's metrics (drseg.evaluate.schema.Metrics). Every
 rule becomes one row of the verdict, so a failed gate says which rule failed and by how
-much. A metric that was not computed (null or NaN, e.g. no lesion of a class in the split)
+much. A metric that is undefined (None: e.g. a Dice with nothing to find and nothing found)
 fails the rule that reads it: a gate must never pass because a number is missing.
 
-The regression rule compares with @champion only when the champion was evaluated on the
-same data (dataset hash and split); scores on other data are not comparable, and the row
-says so instead of passing or failing on them.
+The default rules: merged any-lesion Dice >= 0.8, a floor per lesion class (a model that
+misses a whole class fails however good the others are), and no regression against
+@champion: the champion's registered graph scored by the same code on the same photographs
+in the same run (drseg.steps.evaluate_step), so the comparison holds however the data
+changed since the champion was registered.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, TypedDict
-
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from drseg.config import ClassMetric, GateSettings
+from drseg.evaluate.schema import Metrics, Number
 
 _TOLERANCE = 1e-9
 """A value this close to its threshold counts as reaching it: champion - delta is computed
 in floating point (0.75 - 0.05 is not 0.7), and such noise must not decide a promotion."""
 
 _LABELS = {"merged_dice": "merged any-lesion Dice", "dice": "Dice", "aupr": "AUPR"}
-
-
-class ChampionMetrics(TypedDict):
-    """What the regression rule needs of @champion (drseg.registry.champion_metrics)."""
-
-    version: str
-    dataset_hash: str
-    """Content hash of the dataset the champion's metrics were computed on."""
-    metrics: dict[str, Any]
-    """The champion's metrics.json."""
 
 
 class GateRow(BaseModel):
@@ -62,16 +52,8 @@ class GateVerdict(BaseModel):
         return all(row.passed is not False for row in self.rows)
 
 
-def _number(value: Any) -> float | None:
-    """A finite float, or None for null, NaN and anything that is not a number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return None if math.isnan(value) else float(value)
-
-
-def _at_least(rule: str, value: Any, threshold: float, missing: str) -> GateRow:
-    number = _number(value)
-    if number is None:
+def _at_least(rule: str, value: Number, threshold: float, missing: str) -> GateRow:
+    if value is None:
         return GateRow(
             rule=rule,
             threshold=threshold,
@@ -79,47 +61,45 @@ def _at_least(rule: str, value: Any, threshold: float, missing: str) -> GateRow:
             passed=False,
             note=f"{missing}; a missing value fails its rule",
         )
-    passed = number >= threshold - _TOLERANCE
-    note = "" if passed else f"{number:.6g} is below {threshold:.6g}"
-    return GateRow(rule=rule, threshold=threshold, value=number, passed=passed, note=note)
+    passed = value >= threshold - _TOLERANCE
+    note = "" if passed else f"{value:.6g} is below {threshold:.6g}"
+    return GateRow(rule=rule, threshold=threshold, value=value, passed=passed, note=note)
 
 
-def _class_value(metrics: dict[str, Any], cls: str, metric: ClassMetric) -> tuple[Any, str]:
+def _class_value(metrics: Metrics, cls: str, metric: ClassMetric) -> tuple[Number, str]:
     """(value, why it is missing) of one lesion class's metric."""
-    classes = metrics.get("classes", {})
-    if cls not in classes:
+    if cls not in metrics.classes:
         return None, (
-            f"{cls} is not among the evaluated classes {sorted(classes)} (check the gate's "
-            "class_minimums)"
+            f"{cls} is not among the evaluated classes {sorted(metrics.classes)} (check the "
+            "gate's class_minimums against model.classes)"
         )
-    return classes[cls].get(metric), (
-        f"{cls} {_LABELS[metric]} is null (not computed, e.g. no {cls} lesion in the split)"
+    return getattr(metrics.classes[cls], metric), (
+        f"{cls} {_LABELS[metric]} is undefined (no {cls} lesion in the split and none "
+        f"predicted, or no lesion pixel for AUPR)"
     )
 
 
-def _main_rows(metrics: dict[str, Any], settings: GateSettings) -> list[GateRow]:
+def _main_rows(metrics: Metrics, settings: GateSettings) -> list[GateRow]:
     if settings.metric == "merged_dice":
-        value = metrics.get("merged", {}).get("dice")
-        missing = "merged Dice is null (not computed)"
-        return [_at_least(_LABELS["merged_dice"], value, settings.minimum, missing)]
+        missing = "merged Dice is undefined (no lesion in the split and none predicted)"
+        return [_at_least(_LABELS["merged_dice"], metrics.merged.dice, settings.minimum, missing)]
     metric: ClassMetric = settings.metric
-    label = f"every lesion class's {_LABELS[metric]}"
-    classes = metrics.get("classes", {})
-    if not classes:
+    if not metrics.classes:
+        label = f"every lesion class's {_LABELS[metric]}"
         return [_at_least(label, None, settings.minimum, "metrics has no lesion classes")]
     rows = []
-    for cls in classes:
+    for cls in metrics.classes:
         value, missing = _class_value(metrics, cls, metric)
         rows.append(_at_least(f"{cls} {_LABELS[metric]}", value, settings.minimum, missing))
     return rows
 
 
-def _class_minimum_rows(metrics: dict[str, Any], settings: GateSettings) -> list[GateRow]:
+def _class_minimum_rows(metrics: Metrics, settings: GateSettings) -> list[GateRow]:
     label = _LABELS[settings.class_metric]
     rows = []
     for cls, minimum in settings.class_minimums.items():
         value, missing = _class_value(metrics, cls, settings.class_metric)
-        rows.append(_at_least(f"{cls} {label} (class minimum)", value, minimum, missing))
+        rows.append(_at_least(f"{cls} {label} (class floor)", value, minimum, missing))
     return rows
 
 
@@ -127,59 +107,77 @@ def _not_applicable(rule: str, note: str) -> GateRow:
     return GateRow(rule=rule, threshold=None, value=None, passed=None, note=note)
 
 
+def _check_comparable(metrics: Metrics, champion: Metrics) -> None:
+    """The champion must have been scored on the same photographs, the same way."""
+    ours = (metrics.dataset_hash, metrics.split, metrics.images, metrics.scored)
+    theirs = (champion.dataset_hash, champion.split, champion.images, champion.scored)
+    if ours != theirs:
+        raise ValueError(
+            f"the champion's metrics (dataset {champion.dataset_hash[:19]}, split "
+            f"{champion.split}, {champion.images} images, {champion.scored}) were not computed "
+            f"on the challenger's photographs (dataset {metrics.dataset_hash[:19]}, split "
+            f"{metrics.split}, {metrics.images} images, {metrics.scored}); pass the champion/ "
+            f"metrics that `drseg evaluate` wrote beside the challenger's"
+        )
+
+
 def _regression_rows(
-    metrics: dict[str, Any],
-    settings: GateSettings,
-    champion: ChampionMetrics | None,
-    dataset_hash: str,
+    metrics: Metrics, settings: GateSettings, champion: Metrics | None, no_champion: str
 ) -> list[GateRow]:
     delta = settings.max_regression
     if delta is None:
         return []
     label = _LABELS[settings.class_metric]
-    summary = f"no class {label} drops more than {delta:g} below @champion"
     if champion is None:
-        return [_not_applicable(summary, "not applicable: no @champion yet")]
-    theirs, ours = champion["metrics"], metrics
-    same_split = theirs.get("split") == ours.get("split")
-    if champion["dataset_hash"] != dataset_hash or not same_split:
-        return [
-            _not_applicable(
-                summary,
-                "not applicable: champion evaluated on other data (dataset "
-                f"{champion['dataset_hash'][:19]}, split {theirs.get('split')}; this "
-                f"evaluation: {dataset_hash[:19]}, split {ours.get('split')})",
-            )
-        ]
+        summary = f"no class {label} or merged Dice more than {delta:g} below @champion"
+        return [_not_applicable(summary, f"not applicable: {no_champion}")]
+    _check_comparable(metrics, champion)
+    version = "@champion" + (
+        "" if champion.model_version is None else f" v{champion.model_version}"
+    )
+    compared: list[tuple[str, Number, Number, str]] = [
+        (
+            f"{cls} {label}",
+            getattr(champion.classes[cls], settings.class_metric)
+            if cls in champion.classes
+            else None,
+            *_class_value(metrics, cls, settings.class_metric),
+        )
+        for cls in metrics.classes
+    ]
+    compared.append(
+        (
+            _LABELS["merged_dice"],
+            champion.merged.dice,
+            metrics.merged.dice,
+            "merged Dice is undefined",
+        )
+    )
     rows = []
-    for cls in ours.get("classes", {}):
-        rule = f"{cls} {label} vs @champion v{champion['version']} (max drop {delta:g})"
-        before = _number(theirs.get("classes", {}).get(cls, {}).get(settings.class_metric))
+    for name, before, value, missing in compared:
+        rule = f"{name} vs {version} (max drop {delta:g})"
         if before is None:
-            note = f"not applicable: champion v{champion['version']} has no {cls} {label}"
-            rows.append(_not_applicable(rule, note))
-            continue
-        value, missing = _class_value(ours, cls, settings.class_metric)
-        rows.append(_at_least(rule, value, before - delta, missing))
+            rows.append(_not_applicable(rule, f"not applicable: {version} has no {name} here"))
+        else:
+            rows.append(_at_least(rule, value, before - delta, missing))
     return rows
 
 
 def evaluate_gate(
-    metrics: dict[str, Any],
+    metrics: Metrics,
     settings: GateSettings,
-    champion: ChampionMetrics | None,
-    dataset_hash: str,
+    champion: Metrics | None,
+    no_champion: str = "no @champion yet",
 ) -> GateVerdict:
-    """Check `metrics` (metrics.json of the evaluation split) against every rule.
-
-    `dataset_hash` is the content hash of the evaluated dataset; `champion` (None when there
-    is none) is only compared with when it was evaluated on that same dataset and split.
-    """
+    """Check `metrics` against every rule; `champion` is @champion's graph scored on the same
+    photographs (None: there is none to compare with, and `no_champion` says why).
+    ValueError when the two were not scored on the same photographs: then the gate cannot
+    decide."""
     return GateVerdict(
         rows=(
             *_main_rows(metrics, settings),
             *_class_minimum_rows(metrics, settings),
-            *_regression_rows(metrics, settings, champion, dataset_hash),
+            *_regression_rows(metrics, settings, champion, no_champion),
         )
     )
 

@@ -50,7 +50,8 @@ from onnx import helper
 from drseg.artifacts import ONNX_FILE
 from drseg.config import SIZE_MULTIPLE
 from drseg.errors import UserError
-from drseg.gate import ChampionMetrics, GateVerdict, verdict_markdown, verdict_summary
+from drseg.evaluate.schema import Metrics
+from drseg.gate import GateVerdict, verdict_markdown, verdict_summary
 from drseg.tracking import TAG_DATASET_HASH, TAG_GIT_COMMIT, TAG_PIPELINE_RUN_ID
 
 CHAMPION = "champion"
@@ -59,7 +60,9 @@ PREVIOUS = "previous"
 TAG_EVAL_DATASET_HASH = "drseg.eval_dataset_hash"
 """Content hash of the dataset the version's metrics were computed on."""
 TAG_METRICS = "drseg.metrics"
-"""The version's metrics.json, as JSON."""
+"""The version's metrics.json without its notes, as JSON: the SQL stores keep a tag value in
+a VARCHAR(5000) column, which the notes alone come close to; the whole file is the
+version's evaluation/metrics.json."""
 TAG_GATE = "drseg.gate"
 """One-line gate verdict."""
 EVENT_TAG_PREFIX = "drseg.alias_event."
@@ -325,7 +328,7 @@ def _write_model(
     local: Path,
     graph: onnx.ModelProto,
     checkpoint: Path,
-    metrics: dict[str, Any],
+    metrics: Metrics,
     verdict: GateVerdict,
     model_id: str,
     run_id: str,
@@ -351,7 +354,7 @@ def _write_model(
         shutil.copy2(checkpoint, local / CHECKPOINT_DIR / checkpoint.name)
     evaluation = local / EVALUATION_DIR
     evaluation.mkdir()
-    (evaluation / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (evaluation / "metrics.json").write_text(metrics.to_json())
     (evaluation / "gate.md").write_text(verdict_markdown(verdict))
 
 
@@ -398,7 +401,7 @@ def register_model(
     *,
     run_id: str,
     dataset_hash: str,
-    metrics: dict[str, Any],
+    metrics: Metrics,
     verdict: GateVerdict,
     git_commit: str,
     pipeline_run_id: str,
@@ -417,12 +420,6 @@ def register_model(
             f"{name}: the evaluation gate failed ({verdict_summary(verdict)}); a model that "
             "fails the gate is not registered: improve it or change the gate settings"
         )
-    eval_hash = metrics.get("dataset_hash")
-    if not isinstance(eval_hash, str):
-        raise ValueError(
-            "metrics has no dataset_hash; pass the metrics.json of the evaluate stage, which "
-            "records the hash of the data it was computed on"
-        )
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: no checkpoint to register; train the model first")
     graph = _load_onnx(onnx_path)
@@ -436,11 +433,11 @@ def register_model(
 
     tags = {
         TAG_DATASET_HASH: dataset_hash,
-        TAG_EVAL_DATASET_HASH: eval_hash,
+        TAG_EVAL_DATASET_HASH: metrics.dataset_hash,
         TAG_GIT_COMMIT: git_commit,
         TAG_PIPELINE_RUN_ID: pipeline_run_id,
         TAG_GATE: verdict_summary(verdict),
-        TAG_METRICS: json.dumps(metrics, sort_keys=True),
+        TAG_METRICS: metrics.model_copy(update={"notes": ()}).model_dump_json(),
     }
     logged = client.create_logged_model(
         experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="onnx"
@@ -526,25 +523,11 @@ def rollback(client: MlflowClient | str, name: str, *, reason: str | None = None
     return target
 
 
-def champion_metrics(client: MlflowClient | str, name: str) -> ChampionMetrics | None:
-    """@champion's metrics and evaluation dataset hash, for the gate; None without one."""
+def champion_version(client: MlflowClient | str, name: str) -> str | None:
+    """The version @champion points at; None when there is no such model or alias."""
     client = _client(client)
     model = _find(client, name)
-    number = None if model is None else _aliases(model).get(CHAMPION)
-    if number is None:
-        return None
-    tags = client.get_model_version(name, number).tags
-    if TAG_METRICS not in tags or TAG_EVAL_DATASET_HASH not in tags:
-        raise RegistryError(
-            f"{name} @{CHAMPION} (version {number}) has no {TAG_METRICS} / "
-            f"{TAG_EVAL_DATASET_HASH} tags (registered outside drseg?); promote a version "
-            "registered with drseg.registry.register_model"
-        )
-    return ChampionMetrics(
-        version=number,
-        dataset_hash=tags[TAG_EVAL_DATASET_HASH],
-        metrics=json.loads(tags[TAG_METRICS]),
-    )
+    return None if model is None else _aliases(model).get(CHAMPION)
 
 
 def _utc(millis: int | None) -> str:
@@ -554,7 +537,10 @@ def _utc(millis: int | None) -> str:
 
 
 def _merged_dice(tags: dict[str, str]) -> str:
-    dice = json.loads(tags.get(TAG_METRICS, "{}")).get("merged", {}).get("dice")
+    try:
+        dice = Metrics.from_json(tags.get(TAG_METRICS, ""), TAG_METRICS).merged.dice
+    except ValueError:  # registered by an older drseg: its metrics are not this schema
+        return "n/a"
     return "n/a" if dice is None else f"{dice:.3f}"
 
 

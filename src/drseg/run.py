@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from drseg import atomic, paths
 from drseg.config import Settings
 from drseg.data.synthetic import write_synthetic_dataset
 from drseg.errors import UserError
+from drseg.evaluate.schema import METRICS_FILE, Metrics
 from drseg.secrets import redact
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -290,25 +290,22 @@ def serve_and_predict(
     }
 
 
-def format_metrics(scalars: dict[str, float]) -> str:
-    """Per-lesion table from flattened metrics ({"MA.aupr": ..., "merged.dice": ...})."""
-    classes = sorted({k.split(".")[0] for k in scalars} - {"merged"}, key=_class_order)
+def format_metrics(metrics: Metrics) -> str:
+    """Per-lesion table of an evaluation: cross-fitted AUPR, Dice, IoU, shipped threshold."""
     rows = [f"{'class':<6} {'AUPR':>6} {'Dice':>6} {'IoU':>6} {'thr':>5}"]
-    for cls in classes:
-        cells = [scalars.get(f"{cls}.{m}", float("nan")) for m in ("aupr", "dice", "iou")]
-        threshold = scalars.get(f"{cls}.threshold", float("nan"))
-        shown = " ".join("   n/a" if math.isnan(v) else f"{v:>6.3f}" for v in cells)
-        rows.append(f"{cls:<6} {shown} {threshold:>5.2f}")
-    rows.append("(n/a: no lesion of that class in the split)")
-    if "merged.dice" in scalars:
-        rows.append(f"any-lesion Dice {scalars['merged.dice']:.3f}")
+    for cls, values in metrics.classes.items():
+        cells = (values.aupr, values.dice, values.iou)
+        shown = " ".join("   n/a" if v is None else f"{v:>6.3f}" for v in cells)
+        rows.append(f"{cls:<6} {shown} {values.threshold:>5.2f}")
+    rows.append("(n/a: undefined, e.g. no lesion of that class in the split and none predicted)")
+    merged = metrics.merged.dice
+    rows.append(f"any-lesion Dice {'n/a' if merged is None else f'{merged:.3f}'}")
+    if metrics.thresholds == "cross_fitted":
+        rows.append(
+            f"Dice and IoU cross-fitted over {metrics.folds} folds; thr: the shipped "
+            "threshold (tuned on the whole split)"
+        )
     return "\n".join(rows)
-
-
-def _class_order(cls: str) -> int:
-    from drseg.config import LESION_CLASSES
-
-    return LESION_CLASSES.index(cls) if cls in LESION_CLASSES else len(LESION_CLASSES)
 
 
 def format_run_summary(summary: dict[str, Any], run: Path) -> str:
@@ -322,12 +319,9 @@ def format_run_summary(summary: dict[str, Any], run: Path) -> str:
     if ingest and "dataset" in ingest["outputs"]:
         lines += ["", "ingest", format_summary(ingest["outputs"]["dataset"]["metadata"])]
     evaluate = next((s for s in summary["steps"] if s["name"] == "evaluate"), None)
-    if evaluate and "metrics" in evaluate["outputs"]:
-        lines += [
-            "",
-            "evaluate (validation split)",
-            format_metrics(evaluate["outputs"]["metrics"]["metadata"]),
-        ]
+    if evaluate and "evaluation" in evaluate["outputs"]:
+        metrics = Metrics.read(Path(evaluate["outputs"]["evaluation"]["path"]) / METRICS_FILE)
+        lines += ["", f"evaluate (validation split; {metrics.scored})", format_metrics(metrics)]
     gate = next((s for s in summary["steps"] if s["name"] == "gate"), None)
     if gate and "report" in gate["outputs"]:
         lines += ["", Path(gate["outputs"]["report"]["path"]).read_text().rstrip()]

@@ -6,10 +6,9 @@ What the output folders hold, and the model card, are in drseg.artifacts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from drseg import atomic
 from drseg.artifacts import ENCODER_FILE, MODEL_CARD, ONNX_FILE, SKIPPED, WEIGHTS_FILE, ModelCard
@@ -26,6 +25,11 @@ from drseg.config import (
     ServeSettings,
     TrackingSettings,
 )
+from drseg.evaluate.schema import METRICS_FILE, Metrics
+
+if TYPE_CHECKING:
+    from drseg.contract import ServingContract
+    from drseg.evaluate.served import ServedGraph
 
 
 class _TrainingResult(Protocol):
@@ -156,40 +160,123 @@ def finetune_step(
     return {**figures, "weights": str(result.weights), "mlflow_run_id": run.run_id}
 
 
+def export_step(
+    model_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    settings: ExportSettings,
+    ingest: IngestSettings,
+    clahe: ClaheSettings,
+) -> dict[str, Any]:
+    """ONNX with the serving contract (preprocessing; thresholds untuned until evaluation),
+    parity-checked against PyTorch on random inputs and a photograph of the CLAHE-stage
+    dataset; <out>/model.onnx."""
+    from drseg.export.onnx_export import export_onnx, export_summary
+
+    result = export_onnx(
+        model_dir, None, Path(out_dir) / ONNX_FILE, settings, ingest, clahe, dataset_dir=dataset_dir
+    )
+    return export_summary(result)
+
+
+CHAMPION_DIR = "champion"
+"""In an evaluation folder: @champion's graph scored on the same photographs."""
+NO_CHAMPION_FILE = "no_champion.txt"
+"""In an evaluation folder instead of champion/: why no champion was scored."""
+
+
+def _comparable_champion(
+    challenger: ServingContract,
+    registry: RegistrySettings,
+    tracking: TrackingSettings,
+    home: Path,
+    dst: Path,
+) -> tuple[int, ServedGraph] | str:
+    """(version, graph) of @champion, downloaded into `dst`, when it can be scored on the
+    challenger's photographs; else why not."""
+    if not tracking.enabled:
+        return "tracking is off (tracking.enabled false), so there is no registry to ask"
+    from drseg.evaluate.served import ServedGraph
+    from drseg.registry import champion_version, download_onnx
+    from drseg.tracking import tracking_uri
+
+    uri = tracking_uri(tracking, home)
+    version = champion_version(uri, registry.model_name)
+    if version is None:
+        return f"{registry.model_name} has no @champion yet"
+    graph = ServedGraph(download_onnx(uri, registry.model_name, version, dst))
+    theirs = graph.contract
+    if theirs.classes != challenger.classes:
+        return f"@champion v{version} segments {theirs.classes}, not {challenger.classes}"
+    if theirs.working_width != challenger.working_width:
+        return (
+            f"@champion v{version} works at width {theirs.working_width}, the challenger at "
+            f"{challenger.working_width}: they cannot be scored on the same photographs"
+        )
+    return int(version), graph
+
+
+def _score_champion(
+    challenger: ServingContract,
+    dataset_dir: Path,
+    work: Path,
+    settings: EvaluateSettings,
+    registry: RegistrySettings,
+    tracking: TrackingSettings,
+    home: Path,
+    split: str,
+) -> Metrics | None:
+    """@champion's registered graph scored like the challenger, into work/champion/; else
+    work/no_champion.txt says why."""
+    import tempfile
+
+    from drseg.evaluate.report import evaluate_dataset
+    from drseg.evaluate.served import SCORED
+
+    with tempfile.TemporaryDirectory(prefix="drseg-champion-") as tmp:
+        found = _comparable_champion(challenger, registry, tracking, home, Path(tmp))
+        if isinstance(found, str):
+            atomic.write_text(work / NO_CHAMPION_FILE, f"{found}\n")
+            return None
+        version, graph = found
+        return evaluate_dataset(
+            graph, dataset_dir, work / CHAMPION_DIR, settings, SCORED, split, model_version=version
+        ).metrics
+
+
 @dataclass(frozen=True)
 class EvaluateOutcome:
-    metrics: dict[str, Any]
-    scalars: dict[str, float]
-    """metrics.json flattened: {"MA.aupr": 0.41, ..., "merged.dice": 0.83}."""
+    metrics: Metrics
+    champion: Metrics | None
     report: Path
     mlflow_run_id: str
 
 
 def evaluate_step(
-    model_dir: Path,
+    onnx_dir: Path,
     dataset_dir: Path,
     out_dir: Path,
+    served_dir: Path,
     settings: EvaluateSettings,
+    registry: RegistrySettings,
     tracking: TrackingSettings,
     home: Path,
     pipeline_run_id: str,
     split: str = "val",
 ) -> EvaluateOutcome:
-    """Tiled inference on a split, metrics and plots, tuned thresholds; all tracked."""
-    import torch
-
+    """Score the exported graph as served on a split of the ingest-stage dataset, with
+    cross-fitted thresholds, and @champion's registered graph on the same photographs;
+    <out>/metrics.json (+ champion/ or no_champion.txt) and <served>/model.onnx: the graph
+    with the thresholds tuned on the whole split in its contract. All tracked."""
     from drseg.data.dataset import load_manifest
-    from drseg.evaluate.report import evaluate_dataset
+    from drseg.evaluate.report import REPORT_FILE, evaluate_dataset
+    from drseg.evaluate.served import SCORED, ServedGraph, check_photographs
+    from drseg.export.onnx_export import with_thresholds
     from drseg.tracking import stage_run
-    from drseg.train.finetune import load_trained_model
 
-    card = ModelCard.read(model_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    network = load_trained_model(Path(model_dir) / WEIGHTS_FILE, card.model, device)
-
-    def logits(batch: torch.Tensor) -> torch.Tensor:
-        return network(batch)[0]
-
+    onnx_path = Path(onnx_dir) / ONNX_FILE
+    graph = ServedGraph(onnx_path)
+    check_photographs(Path(dataset_dir), graph.contract, onnx_path)
     with stage_run(
         tracking,
         home,
@@ -198,24 +285,35 @@ def evaluate_step(
         dataset_hash=load_manifest(dataset_dir).dataset_hash,
         config={"evaluate": settings, "split": split},
     ) as run:
-        result = evaluate_dataset(
-            logits, dataset_dir, out_dir, card.model.classes, settings, split=split, device=device
-        )
-        scalars = _flat_metrics(result.metrics)
-        run.log_metrics(scalars)
+        with atomic.output_dir(Path(out_dir)) as work:
+            metrics = evaluate_dataset(graph, dataset_dir, work, settings, SCORED, split).metrics
+            champion = _score_champion(
+                graph.contract, dataset_dir, work, settings, registry, tracking, home, split
+            )
+        with_thresholds(onnx_path, metrics.shipped_thresholds(), Path(served_dir) / ONNX_FILE)
+        run.log_metrics(metrics.scalars())
+        if champion is not None:
+            run.log_metrics({f"champion.{k}": v for k, v in champion.scalars().items()})
         run.log_artifact(Path(out_dir))
-    return EvaluateOutcome(result.metrics, scalars, result.report_path, run.run_id)
+    return EvaluateOutcome(metrics, champion, Path(out_dir) / REPORT_FILE, run.run_id)
 
 
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """metrics.json -> {"MA.aupr": 0.41, ..., "merged.dice": 0.83}; undefined values dropped."""
-    groups = {**metrics["classes"], "merged": metrics["merged"]}
-    return {
-        f"{group}.{name}": float(value)
-        for group, values in groups.items()
-        for name, value in values.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
-    }
+def read_evaluation(evaluation_dir: Path) -> tuple[Metrics, Metrics | None, str]:
+    """(metrics, @champion's metrics or None, why there are none) of an evaluation folder."""
+
+    evaluation_dir = Path(evaluation_dir)
+    metrics = Metrics.read(evaluation_dir / METRICS_FILE)
+    champion_file = evaluation_dir / CHAMPION_DIR / METRICS_FILE
+    if champion_file.is_file():
+        return metrics, Metrics.read(champion_file), ""
+    reason_file = evaluation_dir / NO_CHAMPION_FILE
+    if not reason_file.is_file():
+        raise FileNotFoundError(
+            f"{evaluation_dir}: neither {CHAMPION_DIR}/{METRICS_FILE} nor {NO_CHAMPION_FILE}, "
+            f"so whether @champion was scored is unknown; pass the output folder of "
+            f"`drseg evaluate`"
+        )
+    return metrics, None, reason_file.read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -229,38 +327,27 @@ class GateOutcome:
 
 
 def gate_step(
-    evaluation_dir: Path,
+    metrics: Metrics,
+    champion: Metrics | None,
+    no_champion: str,
     settings: GateSettings,
-    registry: RegistrySettings,
     tracking: TrackingSettings,
     home: Path,
     pipeline_run_id: str,
 ) -> GateOutcome:
-    """Apply the gate's rules to the evaluate stage's metrics.json, against @champion's
-    metrics when the regression rule is on and tracking (hence the registry) is."""
-    from drseg.evaluate.report import METRICS_FILE
+    """Apply the gate's rules to the challenger's metrics and @champion's on the same
+    photographs (None: `no_champion` says why), tracked."""
     from drseg.gate import evaluate_gate, verdict_markdown, verdict_summary
-    from drseg.tracking import stage_run, tracking_uri
+    from drseg.tracking import stage_run
 
-    metrics_path = Path(evaluation_dir) / METRICS_FILE
-    if not metrics_path.is_file():
-        raise FileNotFoundError(
-            f"{evaluation_dir}: no {METRICS_FILE}; pass the output folder of `drseg evaluate`"
-        )
-    metrics = json.loads(metrics_path.read_text())
-    champion = None
-    if settings.max_regression is not None and tracking.enabled:
-        from drseg.registry import champion_metrics
-
-        champion = champion_metrics(tracking_uri(tracking, home), registry.model_name)
-    verdict = evaluate_gate(metrics, settings, champion, metrics["dataset_hash"])
+    verdict = evaluate_gate(metrics, settings, champion, no_champion)
     markdown, summary = verdict_markdown(verdict), verdict_summary(verdict)
     with stage_run(
         tracking,
         home,
         "gate",
         pipeline_run_id=pipeline_run_id,
-        dataset_hash=metrics["dataset_hash"],
+        dataset_hash=metrics.dataset_hash,
         config=settings,
     ) as run:
         run.set_tags({"drseg.gate": summary})
@@ -268,34 +355,8 @@ def gate_step(
     return GateOutcome(verdict.passed, summary, markdown, verdict.model_dump_json(), run.run_id)
 
 
-def export_step(
-    model_dir: Path,
-    evaluation_dir: Path,
-    dataset_dir: Path,
-    out_dir: Path,
-    settings: ExportSettings,
-    ingest: IngestSettings,
-    clahe: ClaheSettings,
-) -> dict[str, Any]:
-    """ONNX with the serving contract (preprocessing + tuned thresholds), parity-checked
-    against PyTorch on random inputs and a photograph of the dataset; <out>/model.onnx."""
-    from drseg.evaluate.report import METRICS_FILE
-    from drseg.export.onnx_export import export_onnx, export_summary
-
-    result = export_onnx(
-        model_dir,
-        Path(evaluation_dir) / METRICS_FILE,
-        Path(out_dir) / ONNX_FILE,
-        settings,
-        ingest,
-        clahe,
-        dataset_dir=dataset_dir,
-    )
-    return export_summary(result)
-
-
 def register_step(
-    onnx_dir: Path,
+    served_dir: Path,
     model_dir: Path,
     evaluation_dir: Path,
     verdict_json: str,
@@ -304,9 +365,9 @@ def register_step(
     home: Path,
     pipeline_run_id: str,
 ) -> dict[str, Any]:
-    """A new registry version (alias @challenger) from the ONNX file and the weights,
-    tagged with lineage, metrics and the gate's verdict."""
-    from drseg.evaluate.report import METRICS_FILE
+    """A new registry version (alias @challenger) from the served ONNX file (the graph the
+    gate scored, with its thresholds) and the weights, tagged with lineage, metrics and the
+    gate's verdict."""
     from drseg.gate import GateVerdict
     from drseg.registry import register_model
     from drseg.tracking import git_commit, stage_run, tracking_uri
@@ -316,7 +377,7 @@ def register_step(
             "the model registry is MLflow's: set tracking.enabled to true (and tracking.uri "
             "to the server holding the registry) to register models"
         )
-    metrics = json.loads((Path(evaluation_dir) / METRICS_FILE).read_text())
+    metrics = Metrics.read(Path(evaluation_dir) / METRICS_FILE)
     card = ModelCard.read(model_dir)
     with stage_run(
         tracking,
@@ -329,7 +390,7 @@ def register_step(
         version = register_model(
             tracking_uri(tracking, home),
             registry.model_name,
-            Path(onnx_dir) / ONNX_FILE,
+            Path(served_dir) / ONNX_FILE,
             Path(model_dir) / WEIGHTS_FILE,
             run_id=run.run_id,
             dataset_hash=card.dataset_hash,
@@ -342,16 +403,38 @@ def register_step(
     return {"model_name": registry.model_name, "version": version, "alias": "challenger"}
 
 
-def engine_step(onnx_dir: Path, out_dir: Path, settings: ExportSettings) -> dict[str, Any]:
-    """A TensorRT engine where TensorRT and a GPU exist; else nothing, and says so."""
-    from drseg.export.tensorrt_build import build_engine
+def engine_step(
+    onnx_dir: Path, dataset_dir: Path, out_dir: Path, settings: ExportSettings, split: str = "val"
+) -> dict[str, Any]:
+    """A TensorRT engine where TensorRT and a GPU exist, kept only if its masks agree with
+    the graph's (the graph the gate scored) on the split's photographs of the ingest-stage
+    dataset (export.plan_agreement); else nothing, and says why the graph is served."""
+    from drseg.data.dataset import image_path, load_manifest
+    from drseg.evaluate.served import ServedGraph, mask_agreement
+    from drseg.export.tensorrt_build import PLAN_METADATA_FILE, build_engine, plan_runner
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)  # the output artifact, even when empty
-    result = build_engine(Path(onnx_dir) / ONNX_FILE, Path(out_dir), settings)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # the output artifact, even when empty
+    onnx_path = Path(onnx_dir) / ONNX_FILE
+    result = build_engine(onnx_path, out_dir, settings)
+    reason, plan = result.reason, result.plan
+    if plan is not None:
+        records = [r for r in load_manifest(dataset_dir).records if r.split == split]
+        photos = [image_path(Path(dataset_dir), r.id) for r in records]
+        graph = ServedGraph(onnx_path)
+        agreement = mask_agreement(
+            graph, ServedGraph(onnx_path, plan_runner(plan)), photos, settings.plan_agreement
+        )
+        if agreement.passed:
+            reason = f"{reason}; the plan {agreement.describe()}"
+        else:
+            plan.unlink()
+            (out_dir / PLAN_METADATA_FILE).unlink(missing_ok=True)
+            reason, plan = f"TensorRT plan refused: it {agreement.describe()}", None
     return {
-        "served_format": result.served_format,
-        "reason": result.reason,
-        "plan": None if result.plan is None else str(result.plan),
+        "served_format": "onnx" if plan is None else "tensorrt_plan",
+        "reason": reason,
+        "plan": None if plan is None else str(plan),
     }
 
 

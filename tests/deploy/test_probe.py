@@ -28,7 +28,7 @@ from drseg.deploy.probe import ProbeCase, load_probe_set, probe
 from drseg.export.onnx_export import export_onnx
 from drseg.serving.repository import write_repository
 from drseg.serving.server import RunningServer, running_server
-from tests.export import CLAHE, INGEST, write_metrics, write_tiny_model
+from tests.export import CLAHE, INGEST, THRESHOLDS, write_tiny_model
 from tests.integration.s3_server import S3Server
 from tests.ports import free_ports
 
@@ -54,7 +54,7 @@ def _export(folder: Path, version: int, seed: int, bias: float | None = None) ->
         torch.save(weights, folder / "model" / "model.pt")
     return export_onnx(
         folder / "model",
-        write_metrics(folder / "metrics.json"),
+        THRESHOLDS,
         folder / "model.onnx",
         ExportSettings(),
         INGEST,

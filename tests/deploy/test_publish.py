@@ -25,7 +25,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.serving import export_tiny
 
     work = tmp_path_factory.mktemp("publish")
-    onnx_path = export_tiny(work / "export", INGEST)
+    onnx_path = export_tiny(work / "export", INGEST, version=None)
     for version in (VERSION, VERSION + 1):
         write_repository(work / "repo", onnx_path, version, ServeSettings())
     return work / "repo"
@@ -99,7 +99,10 @@ def test_a_plan_on_cpu_instances_is_refused(repository: Path, tmp_path: Path) ->
     plan.write_bytes(b"not a real engine")
     onnx_path = repository / "drseg" / str(VERSION) / "model.onnx"
     write_repository(tmp_path / "repo", onnx_path, VERSION, ServeSettings(), plan_path=plan)
-    with pytest.raises(PublishError, match=r"serve\.instance_kind: gpu"):
+    # write_repository puts plans on KIND_GPU; a hand-edited config may not.
+    config = tmp_path / "repo" / "drseg" / "config.pbtxt"
+    config.write_text(config.read_text().replace("KIND_GPU", "KIND_CPU"))
+    with pytest.raises(PublishError, match=r"non-GPU instance group.*`drseg repository`"):
         publish(tmp_path / "repo", "drseg", VERSION, str(tmp_path / "store" / "{version}"))
 
 

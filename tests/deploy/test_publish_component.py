@@ -11,13 +11,13 @@ from kfp import dsl
 from drseg.config import RolloutSettings, ServeSettings
 from drseg.deploy.publish import MARKER
 from drseg.serving.repository import write_repository
-from tests.test_registry import write_model_files
+from tests.export import INGEST
+from tests.serving import export_tiny
 
 
 def test_component_publishes_the_repository_artifact(tmp_path: Path) -> None:
-    (tmp_path / "model").mkdir()
-    onnx_path, _ = write_model_files(tmp_path / "model")
-    write_repository(tmp_path / "repo", onnx_path, 4, ServeSettings())
+    onnx_path = export_tiny(tmp_path / "export", INGEST, version=None)
+    served = write_repository(tmp_path / "repo", onnx_path, 4, ServeSettings()) / "model.onnx"
     settings = RolloutSettings(repository_uri=str(tmp_path / "store" / "{version}"))
     uri = publish.python_func(
         repository=dsl.Artifact(uri=str(tmp_path / "repo")),
@@ -28,5 +28,5 @@ def test_component_publishes_the_repository_artifact(tmp_path: Path) -> None:
     assert uri == str(tmp_path / "store" / "4")
     assert (tmp_path / "store" / "4" / MARKER).is_file()
     assert (tmp_path / "store" / "4" / "drseg" / "4" / "model.onnx").read_bytes() == (
-        onnx_path.read_bytes()
+        served.read_bytes()
     )

@@ -6,9 +6,8 @@ import pytest
 from drseg.evaluate.metrics import (
     PixelCurves,
     ThresholdedDice,
-    binarize,
+    combined,
     dice_iou,
-    quantize,
     thresholds_tuple,
 )
 
@@ -24,6 +23,15 @@ def _curves(probs: np.ndarray, truth: np.ndarray, fov: np.ndarray | None = None)
     return curves
 
 
+def _dice_at(
+    probs: np.ndarray, truth: np.ndarray, threshold: float, fov: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Dataset-level Dice and IoU of one class thresholded at `threshold` (p >= t)."""
+    scores = ThresholdedDice(("X",))
+    scores.update(probs >= threshold, truth, fov)
+    return scores.dice_iou("X")
+
+
 def _lesions() -> np.ndarray:
     truth = np.zeros((1, 8, 8), bool)
     truth[0, 2:6, 3:7] = True  # 16 of 64 pixels
@@ -34,7 +42,7 @@ def test_perfect_prediction_scores_one() -> None:
     truth = _lesions()
     curves = _curves(truth.astype(float), truth)
     assert curves.aupr("X") == 1.0
-    assert curves.dice_iou_at("X", 0.5) == (1.0, 1.0)
+    assert _dice_at(truth.astype(float), truth, 0.5) == (1.0, 1.0)
     assert curves.best_threshold("X") == 0.5  # the whole gap ties; the edge nearest 0.5 wins
 
 
@@ -42,7 +50,7 @@ def test_inverted_prediction_scores_the_positive_share() -> None:
     truth = _lesions()
     curves = _curves(1.0 - truth, truth)
     assert curves.aupr("X") == pytest.approx(16 / 64)
-    assert curves.dice_iou_at("X", 0.5) == (0.0, 0.0)
+    assert _dice_at(1.0 - truth, truth, 0.5) == (0.0, 0.0)
 
 
 def test_hand_computed_two_by_three_example() -> None:
@@ -53,7 +61,7 @@ def test_hand_computed_two_by_three_example() -> None:
     assert precision == pytest.approx([1, 1 / 2, 1 / 3, 2 / 4, 2 / 5, 2 / 6])
     assert thresholds == pytest.approx([0.9, 0.8, 0.6, 0.3, 0.2, 0.1])
     # at 0.5: predicted 0.9, 0.8, 0.6 -> TP 1, FP 2, FN 1
-    assert curves.dice_iou_at("X", 0.5) == pytest.approx((2 / 5, 1 / 4))
+    assert _dice_at(SCORES, TRUTH, 0.5) == pytest.approx((2 / 5, 1 / 4))
 
 
 def test_pixels_outside_the_field_of_view_are_ignored() -> None:
@@ -80,11 +88,18 @@ def test_a_class_with_no_positive_pixel_has_undefined_aupr() -> None:
     assert curves.aupr("A") == pytest.approx(1 / 6)
 
 
-def test_empty_truth_and_empty_prediction_is_a_perfect_dice() -> None:
-    curves = _curves(np.full((1, 4, 4), 0.1), np.zeros((1, 4, 4), bool))
-    assert curves.dice_iou_at("X", 0.5) == (1.0, 1.0)
-    assert curves.dice_iou_at("X", 0.05) == (0.0, 0.0)  # false positives only
-    assert dice_iou(0, 0, 0) == (1.0, 1.0)
+def test_empty_truth_and_empty_prediction_is_undefined_never_a_pass() -> None:
+    empty = np.zeros((1, 4, 4), bool)
+    dice, iou = _dice_at(np.full((1, 4, 4), 0.1), empty, 0.5)
+    assert math.isnan(dice) and math.isnan(iou)
+    assert _dice_at(np.full((1, 4, 4), 0.1), empty, 0.05) == (0.0, 0.0)  # false positives
+    assert all(math.isnan(v) for v in dice_iou(0, 0, 0))
+    assert dice_iou(0, 0, 0, empty=1.0) == (1.0, 1.0)  # agreement of two models: same answer
+    scores = ThresholdedDice(("X",))
+    scores.update(empty, empty, None)
+    scores.update(empty, empty, None)
+    assert math.isnan(scores.merged_dice())
+    assert scores.excluded_empty == {"X": 2} and scores.empty_both == {"X": 2}
 
 
 def test_threshold_tuning_finds_the_dice_optimum() -> None:
@@ -95,26 +110,34 @@ def test_threshold_tuning_finds_the_dice_optimum() -> None:
     truth = np.array([[[True] * 4 + [False] * 6]])
     curves = _curves(probs, truth)
     assert curves.best_threshold("X") == pytest.approx(0.35)
-    assert curves.dice_iou_at("X", 0.35) == pytest.approx((8 / 9, 4 / 5))
-    assert curves.dice_iou_at("X", 0.8) == pytest.approx((6 / 7, 3 / 4))
+    assert _dice_at(probs, truth, 0.35) == pytest.approx((8 / 9, 4 / 5))
+    assert _dice_at(probs, truth, 0.8) == pytest.approx((6 / 7, 3 / 4))
 
 
-def test_dataset_dice_sums_pixels_and_agrees_with_thresholded_masks() -> None:
+def test_dataset_dice_sums_pixels_over_images() -> None:
     rng = np.random.default_rng(3)
-    curves = PixelCurves(("A", "B"), bins=100)
+    scores = ThresholdedDice(("A", "B"))
     tp = fp = fn = 0
     for _ in range(3):
         probs = rng.random((2, 10, 12))
         truth = rng.random((2, 10, 12)) < 0.2
         fov = rng.random((10, 12)) < 0.8
-        curves.update(probs, truth, fov)
-        pred = binarize(quantize(probs, 100), (0.3, 0.6), 100)[1] & fov
-        tp += int((pred & truth[1]).sum())
-        fp += int((pred & ~truth[1]).sum())
-        fn += int((~pred & truth[1] & fov).sum())
-    assert curves.dice_iou_at("B", 0.6) == pytest.approx(
-        (2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn))
-    )
+        pred = probs >= np.array([0.3, 0.6])[:, None, None]
+        scores.update(pred, truth, fov)
+        inside = pred[1] & fov
+        tp += int((inside & truth[1]).sum())
+        fp += int((inside & ~truth[1]).sum())
+        fn += int((~pred[1] & truth[1] & fov).sum())
+    assert scores.dice_iou("B") == pytest.approx((2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)))
+
+
+def test_combined_curves_hold_every_pixel_of_their_parts() -> None:
+    first, second = _curves(SCORES, TRUTH), _curves(SCORES[:, :1], TRUTH[:, :1])
+    both = combined([first, second])
+    assert both.positives("X") == 4 and int(both.negative.sum()) == 4 + 1
+    assert first.positives("X") == 2  # the parts are left as they were
+    with pytest.raises(ValueError, match="cannot join"):
+        combined([first, PixelCurves(("Y",))])
 
 
 def test_aupr_equals_sklearn_average_precision() -> None:
@@ -174,13 +197,6 @@ def test_merged_dice_of_the_any_lesion_mask() -> None:
     scores.update(pred, truth, None)
     assert scores.merged_dice() == pytest.approx(2 / 4)
     assert scores.per_image == {"A": [0.0], "B": [pytest.approx(2 / 3)]}
-
-
-def test_binarize_applies_one_threshold_per_class() -> None:
-    probs = np.array([[[0.2, 0.4, 0.8]], [[0.2, 0.4, 0.8]]])
-    masks = binarize(quantize(probs, 10_000), (0.3, 0.5), 10_000)
-    assert masks.tolist() == [[[False, True, True]], [[False, False, True]]]
-    assert binarize(quantize(np.array([[[0.5]]]), 10_000), (0.5,), 10_000).all()  # p >= t
 
 
 def test_thresholds_must_cover_every_class() -> None:

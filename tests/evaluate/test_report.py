@@ -3,18 +3,17 @@ import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
-import torch
 
-from drseg.config import LESION_CLASSES, EvaluateSettings, IngestSettings
+from drseg.config import LESION_CLASSES, EvaluateSettings, GateSettings, IngestSettings
 from drseg.data import dataset
 from drseg.data.ingest import ingest
 from drseg.evaluate.report import evaluate_dataset
-from drseg.evaluate.tiling import LogitsFn
-from drseg.models.normalize import image_to_tensor
+from drseg.evaluate.schema import Metrics
+from drseg.gate import evaluate_gate
 
-# 128 x 85 photographs: one 128-px tile each (85 rows padded to 96), flips included.
-SETTINGS = EvaluateSettings(tile_size=128, overlap=0.5, batch_size=2, tta_flips=True, overlays=2)
+SETTINGS = EvaluateSettings(folds=5, overlays=2)
 
 
 @pytest.fixture(scope="module")
@@ -24,35 +23,42 @@ def ingested(synthetic_generic: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def _truth(root: Path, record: dataset.RecordEntry) -> torch.Tensor:
+def _truth(root: Path, record: dataset.RecordEntry) -> np.ndarray:
     width, height = record.size
-    truth = torch.zeros((len(LESION_CLASSES), height, width), dtype=torch.bool)
+    truth = np.zeros((len(LESION_CLASSES), height, width), bool)
     for c, cls in enumerate(LESION_CLASSES):
         if cls in record.masks:
-            truth[c] = torch.from_numpy(dataset.read_mask(dataset.mask_path(root, cls, record.id)))
+            truth[c] = dataset.read_mask(dataset.mask_path(root, cls, record.id))
     return truth
 
 
-def cheating_logits(root: Path) -> LogitsFn:
-    """A 'model' that recognises each photograph and answers its ground truth as +-10 logits,
-    whichever way the tile is flipped; the padding below and right of it gets -10."""
-    known = [
-        (image_to_tensor(dataset.read_rgb(dataset.image_path(root, r.id))), _truth(root, r))
-        for r in dataset.load_manifest(root).records
-    ]
+class TruthScorer:
+    """A 'model' that knows each photograph's ground truth and answers `high` on lesion
+    pixels and `low` elsewhere (per photograph id), thresholded as the client does."""
 
-    def answer(tile: torch.Tensor) -> torch.Tensor:
-        for dims in ((), (1,), (2,), (1, 2)):
-            upright = tile.flip(dims)
-            for image, truth in known:
-                height, width = image.shape[1:]
-                if torch.equal(upright[:, :height, :width], image):
-                    logits = torch.full((len(LESION_CLASSES), *tile.shape[1:]), -10.0)
-                    logits[:, :height, :width] = truth.float() * 20 - 10
-                    return logits.flip(dims)
-        raise AssertionError("the tile matches no photograph of the dataset")
+    classes = LESION_CLASSES
 
-    return lambda batch: torch.stack([answer(tile) for tile in batch])
+    def __init__(self, root: Path, levels: dict[str, tuple[float, float]] | None = None) -> None:
+        self.root = root
+        self.levels = levels or {}
+
+    def probabilities(self, photograph: Path) -> tuple[np.ndarray, np.ndarray]:
+        record = next(
+            r for r in dataset.load_manifest(self.root).records if r.id == photograph.stem
+        )
+        high, low = self.levels.get(record.id, (1.0, 0.0))
+        probs = np.where(_truth(self.root, record), high, low).astype(np.float32)
+        return probs, dataset.read_mask(dataset.fov_path(self.root, record.id))
+
+    def masks(self, probs: np.ndarray, fov: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
+        edges = np.array([thresholds[c] for c in self.classes])[:, None, None]
+        return np.asarray((probs >= edges) & fov[None])
+
+
+class Everywhere(TruthScorer):
+    def probabilities(self, photograph: Path) -> tuple[np.ndarray, np.ndarray]:
+        probs, fov = super().probabilities(photograph)
+        return np.ones_like(probs), fov
 
 
 def _strict_json(path: Path) -> dict:
@@ -62,93 +68,147 @@ def _strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+def _evaluate(scorer: TruthScorer, root: Path, out: Path, **kwargs: object) -> Metrics:
+    return evaluate_dataset(scorer, root, out, SETTINGS, "test scorer", **kwargs).metrics  # type: ignore[arg-type]
+
+
 def test_a_perfect_model_scores_one_everywhere(ingested: Path, tmp_path: Path) -> None:
     manifest = dataset.load_manifest(ingested)
     train = [r for r in manifest.records if r.split == "train"]
     result = evaluate_dataset(
-        cheating_logits(ingested), ingested, tmp_path / "eval", LESION_CLASSES, SETTINGS, "train"
+        TruthScorer(ingested), ingested, tmp_path / "eval", SETTINGS, "test scorer", "train"
     )
     metrics = result.metrics
-    assert metrics["split"] == "train" and metrics["images"] == len(train) == 5
+    assert (metrics.split, metrics.images, metrics.scored) == ("train", len(train), "test scorer")
+    assert (metrics.thresholds, metrics.folds) == ("cross_fitted", 5) and len(train) == 5
     for cls in LESION_CLASSES:
-        values = metrics["classes"][cls]
+        values = metrics.classes[cls]
         with_lesion = sum(cls in r.masks for r in train)
-        assert values["aupr"] == 1.0, cls
-        assert (values["dice"], values["iou"], values["per_image_dice_mean"]) == (1.0, 1.0, 1.0)
-        assert values["threshold"] == 0.5
-        assert values["lesion_pixels"] == sum(r.masks[cls].pixels for r in train if cls in r.masks)
-        assert values["images_with_lesion"] == with_lesion
-        assert values["images_excluded_empty"] == len(train) - with_lesion
-    assert metrics["classes"]["SE"]["images_excluded_empty"] == 1  # synth_0005 has no SE
-    assert metrics["merged"]["dice"] == 1.0 and metrics["mean_aupr"] == 1.0
+        assert values.aupr == 1.0, cls
+        assert (values.dice, values.iou, values.per_image_dice_mean) == (1.0, 1.0, 1.0)
+        assert values.threshold == 0.5
+        assert values.lesion_pixels == sum(r.masks[cls].pixels for r in train if cls in r.masks)
+        assert values.images_with_lesion == with_lesion
+        assert values.images_excluded_empty == values.images_empty_both == len(train) - with_lesion
+    assert metrics.classes["SE"].images_excluded_empty == 1  # synth_0005 has no SE
+    assert metrics.merged.dice == 1.0 and metrics.mean_aupr == 1.0
 
     assert result.metrics_path == tmp_path / "eval" / "metrics.json"
-    assert _strict_json(result.metrics_path) == metrics
+    assert Metrics.model_validate(_strict_json(result.metrics_path)) == metrics
     assert cv2.imread(str(result.plot_paths[0])).shape[2] == 3
     assert [p.name for p in result.overlay_paths] == [f"{r.id}.png" for r in train[:2]]
     overlay = cv2.imread(str(result.overlay_paths[0]))
     assert overlay.shape[:2] == (85 + 28, 2 * 128)  # photograph | overlay, legend below
     report = result.report_path.read_text()
     assert "| class | AUPR | IDRiD best AUPR | Dice |" in report
-    assert "| MA | 1.000 | 0.500 | 1.000 | 1.000 | 0.500 | 1.000 | 5 | 0 |" in report
-    assert "| SE | 1.000 | 0.700 | 1.000 | 1.000 | 0.500 | 1.000 | 4 | 1 |" in report
+    assert "| MA | 1.000 | 0.500 | 1.000 | 1.000 | 0.500 | 1.000 | 5 | 0 | 0 |" in report
+    assert "| SE | 1.000 | 0.700 | 1.000 | 1.000 | 0.500 | 1.000 | 4 | 1 | 1 |" in report
+    assert "cross-fitted over 5 folds" in report
     assert "**Merged any-lesion Dice:** 1.000" in report
     assert f"![{train[0].id}](overlays/{train[0].id}.png)" in report
-    assert "![precision-recall curves](pr_curves.png)" in report
-    assert "excluded" in " ".join(metrics["notes"])
 
 
-def test_predicting_lesions_everywhere_scores_the_lesion_share(
+def test_each_fold_is_scored_at_thresholds_tuned_on_the_others(
     ingested: Path, tmp_path: Path
 ) -> None:
+    """Fold 0 answers (lesion 0.3, elsewhere 0.1), fold 1 (0.8, 0.5). Tuned on fold 1 the
+    threshold lies above 0.5 and finds nothing in fold 0; tuned on fold 0 it is 0.3 and
+    marks all of fold 1. A Dice tuned on the pixels it scores would be perfect here."""
+    train = [r for r in dataset.load_manifest(ingested).records if r.split == "train"]
+    levels = {r.id: ((0.3, 0.1) if i % 2 == 0 else (0.8, 0.5)) for i, r in enumerate(train)}
+    settings = SETTINGS.model_copy(update={"folds": 2})
+    metrics = evaluate_dataset(
+        TruthScorer(ingested, levels), ingested, tmp_path / "eval", settings, "x", "train"
+    ).metrics
+    assert metrics.folds == 2
+    for c, cls in enumerate(LESION_CLASSES):
+        lesions, fov_pixels = [0, 0], [0, 0]
+        for i, record in enumerate(train):
+            fov = dataset.read_mask(dataset.fov_path(ingested, record.id))
+            lesions[i % 2] += int((_truth(ingested, record)[c] & fov).sum())
+            fov_pixels[i % 2] += int(fov.sum())
+        tp, fp, fn = lesions[1], fov_pixels[1] - lesions[1], lesions[0]
+        assert metrics.classes[cls].dice == pytest.approx(2 * tp / (2 * tp + fp + fn)), cls
+        on_fold_1, on_fold_0 = metrics.classes[cls].fold_thresholds
+        assert on_fold_1 > 0.5 and on_fold_0 == (0.3 if lesions[0] else 0.5)
+
+
+def test_predicting_lesions_everywhere_at_given_thresholds(ingested: Path, tmp_path: Path) -> None:
     record = next(r for r in dataset.load_manifest(ingested).records if r.split == "val")
     fov = int(dataset.read_mask(dataset.fov_path(ingested, record.id)).sum())
-
-    def everywhere(batch: torch.Tensor) -> torch.Tensor:
-        return torch.full((batch.shape[0], 4, *batch.shape[2:]), 10.0)
-
     thresholds = dict.fromkeys(LESION_CLASSES, 0.5)
-    result = evaluate_dataset(
-        everywhere, ingested, tmp_path / "eval", LESION_CLASSES, SETTINGS, "val", thresholds
-    )
+    metrics = _evaluate(Everywhere(ingested), ingested, tmp_path / "eval", thresholds=thresholds)
+    assert (metrics.thresholds, metrics.folds) == ("given", 1)
     for cls in LESION_CLASSES:
         lesion = record.masks[cls].pixels
-        values = result.metrics["classes"][cls]
-        assert values["aupr"] == pytest.approx(lesion / fov)  # one tied score: the share
-        assert values["dice"] == pytest.approx(2 * lesion / (lesion + fov))
-    assert "Thresholds were given, not tuned on this split." in result.metrics["notes"]
+        values = metrics.classes[cls]
+        assert values.aupr == pytest.approx(lesion / fov)  # one tied score: the share
+        assert values.dice == pytest.approx(2 * lesion / (lesion + fov))
+    assert "Thresholds were given, not tuned on this split." in metrics.notes
 
 
-def test_a_class_without_lesions_reads_null(ingested: Path, tmp_path: Path) -> None:
-    root = tmp_path / "no_se"
+def _without_masks(ingested: Path, root: Path, drop: set[str]) -> Path:
     shutil.copytree(ingested, root)
     manifest = dataset.load_manifest(root)
     records = tuple(
-        r.model_copy(update={"masks": {c: m for c, m in r.masks.items() if c != "SE"}})
+        r.model_copy(update={"masks": {c: m for c, m in r.masks.items() if c not in drop}})
         for r in manifest.records
     )
     dataset.write_manifest(root, manifest.model_copy(update={"records": records}))
+    return root
 
-    result = evaluate_dataset(
-        cheating_logits(root), root, tmp_path / "eval", LESION_CLASSES, SETTINGS, "val"
-    )
+
+def test_a_class_without_lesions_reads_null(ingested: Path, tmp_path: Path) -> None:
+    root = _without_masks(ingested, tmp_path / "no_se", {"SE"})
+    result = evaluate_dataset(TruthScorer(root), root, tmp_path / "eval", SETTINGS, "x", "train")
     stored = _strict_json(result.metrics_path)["classes"]["SE"]
     assert stored["aupr"] is None and stored["per_image_dice_mean"] is None
-    assert stored["images_excluded_empty"] == 1 and stored["lesion_pixels"] == 0
-    assert stored["dice"] == 1.0  # nothing there, nothing predicted
+    assert stored["dice"] is None and stored["iou"] is None  # nothing there, nothing found
+    assert stored["images_excluded_empty"] == stored["images_empty_both"] == 5
+    assert stored["lesion_pixels"] == 0
     assert stored["threshold"] == SETTINGS.default_threshold
-    assert any(n.startswith("SE: no lesion pixels") for n in result.metrics["notes"])
-    assert "| SE | n/a |" in result.report_path.read_text()
+    assert any(n.startswith("SE: no lesion pixels in the split") for n in result.metrics.notes)
+    assert "| SE | n/a | 0.700 | n/a | n/a |" in result.report_path.read_text()
+
+
+class Nothing(TruthScorer):
+    def probabilities(self, photograph: Path) -> tuple[np.ndarray, np.ndarray]:
+        probs, fov = super().probabilities(photograph)
+        return np.zeros_like(probs), fov
+
+
+def test_a_model_that_predicts_nothing_where_no_mask_was_found_fails_the_gate(
+    ingested: Path, tmp_path: Path
+) -> None:
+    """The misnamed mask folder: no truth, the model finds nothing, and nothing passes."""
+    root = _without_masks(ingested, tmp_path / "no_masks", set(LESION_CLASSES))
+    metrics = _evaluate(Nothing(root), root, tmp_path / "eval", split="train")
+    assert metrics.merged.dice is None
+    assert all(m.dice is None for m in metrics.classes.values())
+    verdict = evaluate_gate(metrics, GateSettings(), None)
+    assert not verdict.passed
+    assert "a missing value fails its rule" in verdict.rows[0].note
+
+
+def test_a_model_that_predicts_nothing_on_lesions_fails_the_gate(
+    ingested: Path, tmp_path: Path
+) -> None:
+    metrics = _evaluate(Nothing(ingested), ingested, tmp_path / "eval", split="train")
+    assert metrics.merged.dice == 0.0
+    assert not evaluate_gate(metrics, GateSettings(), None).passed
 
 
 def test_wrong_classes_split_or_thresholds_are_refused(ingested: Path, tmp_path: Path) -> None:
-    fn = cheating_logits(ingested)
+    class Other(TruthScorer):
+        classes = ("MA", "XX")
+
     with pytest.raises(ValueError, match=r"not \['XX'\]"):
-        evaluate_dataset(fn, ingested, tmp_path / "a", ("MA", "XX"), SETTINGS)
+        evaluate_dataset(Other(ingested), ingested, tmp_path / "a", SETTINGS, "x")
+    scorer = TruthScorer(ingested)
     with pytest.raises(dataset.DatasetError, match="no records in split 'test'"):
-        evaluate_dataset(fn, ingested, tmp_path / "b", LESION_CLASSES, SETTINGS, "test")
+        evaluate_dataset(scorer, ingested, tmp_path / "b", SETTINGS, "x", "test")
+    with pytest.raises(dataset.DatasetError, match="cross-fitted thresholds need at least 2"):
+        evaluate_dataset(scorer, ingested, tmp_path / "c", SETTINGS, "x", "val")
     with pytest.raises(ValueError, match=r"lack classes \['HE', 'EX', 'SE'\]"):
-        evaluate_dataset(
-            fn, ingested, tmp_path / "c", LESION_CLASSES, SETTINGS, thresholds={"MA": 0.5}
-        )
+        evaluate_dataset(scorer, ingested, tmp_path / "d", SETTINGS, "x", thresholds={"MA": 0.5})
     assert not any(tmp_path.iterdir())

@@ -1,12 +1,11 @@
 """Helpers shared by the export and serving tests: a tiny untrained model folder, the
-metrics.json the evaluate stage would write for it, and a small CLAHE-stage dataset.
+thresholds to export it with, and a small CLAHE-stage dataset.
 
 Random weights are enough: export parity and serving plumbing do not depend on training.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -47,12 +46,6 @@ def write_tiny_model(folder: Path, reconstruction: bool = True, seed: int = 0) -
     card = ModelCard(settings, FinetuneSettings(), dataset_hash="d" * 64, steps=0)
     (folder / "model.json").write_text(card.to_json())
     return settings
-
-
-def write_metrics(path: Path) -> Path:
-    """The part of metrics.json that export reads: classes.<class>.threshold."""
-    path.write_text(json.dumps({"classes": {c: {"threshold": t} for c, t in THRESHOLDS.items()}}))
-    return path
 
 
 def clahe_dataset_from(source: Path, work: Path) -> Path:

@@ -17,7 +17,14 @@ from drseg.artifacts import ModelCard
 from drseg.config import LESION_CLASSES, ClaheSettings, ExportSettings, IngestSettings
 from drseg.contract import CONTRACT_KEY, ServingContract, pad_to_multiple, read_contract
 from drseg.data import dataset
-from drseg.export.onnx_export import ExportResult, ParityError, export_onnx, export_summary
+from drseg.export.onnx_export import (
+    UNTUNED_THRESHOLD,
+    ExportResult,
+    ParityError,
+    export_onnx,
+    export_summary,
+    with_thresholds,
+)
 from drseg.models.normalize import IMAGE_MEAN, IMAGE_STD
 from drseg.train.finetune import load_trained_model
 from tests.export import (
@@ -26,7 +33,6 @@ from tests.export import (
     THRESHOLDS,
     WORKING_WIDTH,
     clahe_dataset_from,
-    write_metrics,
     write_tiny_model,
 )
 
@@ -34,7 +40,7 @@ from tests.export import (
 @dataclass(frozen=True)
 class Exported:
     model_dir: Path
-    metrics: Path
+    thresholds: dict[str, float]
     dataset: Path
     result: ExportResult
 
@@ -44,11 +50,10 @@ def exported(synthetic_generic: Path, tmp_path_factory: pytest.TempPathFactory) 
     """One export with a dataset given, shared by the tests that only read it."""
     work = tmp_path_factory.mktemp("export")
     write_tiny_model(work / "model")
-    metrics = write_metrics(work / "metrics.json")
     clahe_dir = clahe_dataset_from(synthetic_generic, work)
     result = export_onnx(
         work / "model",
-        metrics,
+        THRESHOLDS,
         work / "out" / "model.onnx",
         ExportSettings(),
         INGEST,
@@ -56,7 +61,7 @@ def exported(synthetic_generic: Path, tmp_path_factory: pytest.TempPathFactory) 
         dataset_dir=clahe_dir,
         model_version=7,
     )
-    return Exported(work / "model", metrics, clahe_dir, result)
+    return Exported(work / "model", THRESHOLDS, clahe_dir, result)
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -168,7 +173,7 @@ def test_read_contract_names_the_file_and_the_fix(exported: Exported, tmp_path: 
 def test_reconstruction_output_on_request(exported: Exported, tmp_path: Path) -> None:
     result = export_onnx(
         exported.model_dir,
-        exported.metrics,
+        exported.thresholds,
         tmp_path / "model.onnx",
         ExportSettings(reconstruction=True),
         INGEST,
@@ -186,7 +191,7 @@ def test_reconstruction_refused_for_a_model_without_that_head(tmp_path: Path) ->
     with pytest.raises(ValueError, match=r"no reconstruction head.*export\.reconstruction off"):
         export_onnx(
             tmp_path / "model",
-            write_metrics(tmp_path / "metrics.json"),
+            THRESHOLDS,
             tmp_path / "model.onnx",
             ExportSettings(reconstruction=True),
             INGEST,
@@ -201,7 +206,7 @@ def test_parity_failure_raises_with_the_numbers_and_writes_nothing(
     with pytest.raises(ParityError, match=r"more than 1e-12 .*random \(2, 3, 64, 96\): \d"):
         export_onnx(
             exported.model_dir,
-            exported.metrics,
+            exported.thresholds,
             tmp_path / "model.onnx",
             ExportSettings(parity_tolerance=1e-12),
             INGEST,
@@ -211,19 +216,33 @@ def test_parity_failure_raises_with_the_numbers_and_writes_nothing(
 
 
 def test_thresholds_must_cover_every_class(exported: Exported, tmp_path: Path) -> None:
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"classes": {"MA": {"threshold": 0.5}}}))
-    with pytest.raises(ValueError, match=r"metrics\.json: no threshold for every class"):
+    with pytest.raises(ValueError, match=r"give exactly one threshold per class"):
         export_onnx(
-            exported.model_dir, metrics, tmp_path / "m.onnx", ExportSettings(), INGEST, CLAHE
+            exported.model_dir, {"MA": 0.5}, tmp_path / "m.onnx", ExportSettings(), INGEST, CLAHE
         )
+
+
+def test_a_fresh_export_is_untuned_and_evaluation_stamps_the_thresholds(
+    exported: Exported, tmp_path: Path
+) -> None:
+    fresh = export_onnx(
+        exported.model_dir, None, tmp_path / "fresh.onnx", ExportSettings(), INGEST, CLAHE
+    )
+    assert fresh.contract.thresholds == dict.fromkeys(LESION_CLASSES, UNTUNED_THRESHOLD)
+    tuned = {"MA": 0.11, "HE": 0.22, "EX": 0.33, "SE": 0.44}
+    stamped = with_thresholds(fresh.path, tuned, tmp_path / "served" / "model.onnx")
+    assert read_contract(stamped) == fresh.contract.model_copy(update={"thresholds": tuned})
+    before, after = onnx.load(str(fresh.path)), onnx.load(str(stamped))
+    assert before.graph == after.graph  # the graph the gate scored, unchanged
+    with pytest.raises(ValueError, match="give exactly one threshold per class"):
+        with_thresholds(fresh.path, {"MA": 0.1}, tmp_path / "bad.onnx")
 
 
 def test_dataset_made_with_other_settings_is_refused(exported: Exported, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ingest\.working_width: dataset 192, settings 256"):
         export_onnx(
             exported.model_dir,
-            exported.metrics,
+            exported.thresholds,
             tmp_path / "m.onnx",
             ExportSettings(),
             IngestSettings(working_width=256),
@@ -233,7 +252,7 @@ def test_dataset_made_with_other_settings_is_refused(exported: Exported, tmp_pat
     with pytest.raises(ValueError, match=r"ingest-stage dataset \(no CLAHE"):
         export_onnx(
             exported.model_dir,
-            exported.metrics,
+            exported.thresholds,
             tmp_path / "m.onnx",
             ExportSettings(),
             INGEST,

@@ -27,7 +27,7 @@ from drseg.config import ClusterSettings, ModelSettings, PretrainSettings, Setti
 from drseg.run import pipeline_arguments
 
 CHECKED_IN = Path(__file__).parents[2] / "pipelines" / "compiled" / "training.yaml"
-GPU_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-tensorrt"}
+GPU_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-tensorrt"}
 STORAGE_EXECUTORS = {"exec-ingest", "exec-ingest-2", "exec-fingerprint", "exec-fingerprint-2"}
 TRACKING_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-gate"}
 TRACKING_EXECUTORS |= {"exec-register"}

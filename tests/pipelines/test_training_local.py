@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from drseg.config import Settings, load_settings
+from drseg.contract import read_contract
 from drseg.data import dataset
+from drseg.evaluate.schema import Metrics
 from drseg.run import RunError, _TaskLog, format_run_summary, pipeline_arguments, run_pipeline
 from tests.ports import free_ports
 
@@ -36,11 +38,13 @@ def settings(tmp_path: Path) -> Settings:
             "DRSEG_FINETUNE__MAX_STEPS": "2",
             "DRSEG_FINETUNE__WARMUP_STEPS": "1",
             "DRSEG_FINETUNE__NUM_WORKERS": "0",
-            "DRSEG_EVALUATE__TILE_SIZE": "64",
-            "DRSEG_EVALUATE__TTA_FLIPS": "false",
-            # A 2-step model cannot reach the default gate (merged Dice >= 0.8); this test
-            # is about the plumbing of a passing run, so its gate asks for nothing.
+            # Two validation photographs: cross-fitting needs at least two folds.
+            "DRSEG_INGEST__VAL_FRACTION": "0.5",
+            # A 2-step model cannot reach the default gate (merged Dice >= 0.8, class
+            # floors); this test is about the plumbing of a passing run, so its gate asks
+            # for nothing (an undefined Dice would still fail it).
             "DRSEG_GATE__MINIMUM": "0.0",
+            "DRSEG_GATE__CLASS_MINIMUMS": "{}",
             "DRSEG_EXPORT__PARITY_TOLERANCE": "0.001",
         }
     )
@@ -69,9 +73,9 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
             "pool-clahe",
             "pretrain",
             "finetune",
+            "export",
             "evaluate",
             "gate",
-            "export",
             "register",
             "tensorrt",
             "triton-repository",
@@ -79,8 +83,10 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
         )
     }
     order = [s["name"] for s in summary["steps"]]
-    assert order.index("pretrain") < order.index("finetune") < order.index("evaluate")
-    assert order.index("gate") < order.index("export") < order.index("register")
+    # The gate scores the exported graph: export comes before evaluate.
+    assert order.index("pretrain") < order.index("finetune") < order.index("export")
+    assert order.index("export") < order.index("evaluate") < order.index("gate")
+    assert order.index("gate") < order.index("register")
     # No TensorRT here: the ONNX model is served, and the summary says why.
     assert summary["served"]["format"] == "onnx"
     assert "no TensorRT engine built" in summary["served"]["reason"]
@@ -110,11 +116,18 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     model_dir = Path(trained["model"]["path"])
     assert (model_dir / "model.pt").is_file() and (model_dir / "model.json").is_file()
     assert trained["model"]["metadata"]["steps"] == 2
-    metrics = json.loads((Path(evaluated["evaluation"]["path"]) / "metrics.json").read_text())
-    assert set(metrics["classes"]) == {"MA", "HE", "EX", "SE"}
-    assert evaluated["Output"] == metrics["merged"]["dice"]
-    assert "MA.aupr" in evaluated["metrics"]["metadata"] or metrics["classes"]["MA"]["aupr"] is None
+    evaluation = Path(evaluated["evaluation"]["path"])
+    metrics = Metrics.read(evaluation / "metrics.json")
+    assert set(metrics.classes) == {"MA", "HE", "EX", "SE"}
+    assert (metrics.thresholds, metrics.folds, metrics.images) == ("cross_fitted", 2, 2)
+    assert metrics.dataset_hash == ingested.dataset_hash  # the photographs predict is sent
+    assert evaluated["Output"] == (-1.0 if metrics.merged.dice is None else metrics.merged.dice)
+    assert (evaluation / "no_champion.txt").read_text() == "drseg-lesions has no @champion yet\n"
     assert "| MA |" in Path(evaluated["report"]["path"]).read_text()
+    # What was registered and served is the graph the gate scored, with the shipped
+    # thresholds in its contract.
+    served_graph = repository / "drseg" / "1" / "model.onnx"
+    assert read_contract(served_graph).thresholds == metrics.shipped_thresholds()
     # Both training stages are MLflow runs nested under one parent for this pipeline run.
     from mlflow import MlflowClient
 
@@ -126,7 +139,7 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     parents = {stage: r.data.tags["drseg.pipeline_run_id"] for stage, r in children.items()}
     assert parents["pretrain"].startswith("pretrain-")
     assert len({parents[s] for s in ("finetune", "evaluate", "gate", "register")}) == 1
-    assert children["gate"].data.tags["drseg.gate"] == "passed (1 rule)"
+    assert children["gate"].data.tags["drseg.gate"] == "passed (1 rule, 1 not applicable)"
     registered = client.get_model_version_by_alias("drseg-lesions", "challenger")
     assert str(registered.version) == "1"
     assert children["finetune"].data.tags["drseg.dataset_hash"] == enhanced.dataset_hash
@@ -141,7 +154,7 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     printed = capsys.readouterr().out
     assert "ingest       success" in printed and "Executor" not in printed
     table = format_run_summary(summary, run)
-    assert "evaluate (validation split)" in table and "any-lesion Dice" in table
+    assert "evaluate (validation split; the exported graph" in table and "any-lesion Dice" in table
     assert "records" in (run / "pipeline.log").read_text()
 
 
@@ -153,7 +166,7 @@ def test_a_failed_gate_ends_the_run_gated_and_registers_nothing(
         update={
             "gate": settings.gate.model_copy(update={"minimum": 0.8}),
             "pretrain": settings.pretrain.model_copy(update={"enabled": False}),
-            "synth": settings.synth.model_copy(update={"n": 3}),
+            "synth": settings.synth.model_copy(update={"n": 4}),
         }
     )
     run = run_pipeline(strict)
@@ -162,7 +175,7 @@ def test_a_failed_gate_ends_the_run_gated_and_registers_nothing(
     assert "merged any-lesion Dice" in summary["reason"]
     assert "nothing was registered" in summary["reason"]
     names = [s["name"] for s in summary["steps"]]
-    assert "gate" in names and not {"export", "register", "triton-repository"} & set(names)
+    assert "gate" in names and not {"register", "triton-repository"} & set(names)
     pretrain = next(s for s in summary["steps"] if s["name"] == "pretrain")
     assert pretrain["outputs"]["encoder"]["metadata"]["skipped"] is True
     table = format_run_summary(summary, run)

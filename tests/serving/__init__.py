@@ -18,7 +18,7 @@ from drseg.export.onnx_export import export_onnx
 from drseg.serving.client import Protocol
 from drseg.serving.repository import write_repository
 from drseg.serving.server import RunningServer
-from tests.export import CLAHE, write_metrics, write_tiny_model
+from tests.export import CLAHE, THRESHOLDS, write_tiny_model
 from tests.ports import free_ports
 
 VERSION = 3
@@ -33,17 +33,18 @@ def serve_settings(**fields: Any) -> ServeSettings:
     return ServeSettings(http_port=http, grpc_port=grpc, metrics_port=metrics, **fields)
 
 
-def export_tiny(work: Path, ingest_settings: IngestSettings) -> Path:
-    """Tiny model -> <work>/model.onnx, registry version VERSION."""
+def export_tiny(work: Path, ingest_settings: IngestSettings, version: int | None = VERSION) -> Path:
+    """Tiny model -> <work>/model.onnx, for registry `version` (None: unversioned, as the
+    pipeline exports before registering; the repository step writes the version in)."""
     write_tiny_model(work / "model")
     return export_onnx(
         work / "model",
-        write_metrics(work / "metrics.json"),
+        THRESHOLDS,
         work / "model.onnx",
         ExportSettings(),
         ingest_settings,
         CLAHE,
-        model_version=VERSION,
+        model_version=version,
     ).path
 
 

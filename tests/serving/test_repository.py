@@ -22,7 +22,7 @@ from drseg.serving.repository import (
     versions,
     write_repository,
 )
-from tests.export import CLAHE, INGEST, write_metrics, write_tiny_model
+from tests.export import CLAHE, INGEST, THRESHOLDS, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_model(work / "model")
     result = export_onnx(
         work / "model",
-        write_metrics(work / "metrics.json"),
+        THRESHOLDS,
         work / "model.onnx",
         ExportSettings(),
         INGEST,

@@ -1,4 +1,4 @@
-"""Training verbs: run (the whole pipeline), pretrain, finetune, evaluate."""
+"""Training verbs: run (the whole pipeline), pretrain, finetune."""
 
 from __future__ import annotations
 
@@ -52,23 +52,6 @@ def _finetune(args: argparse.Namespace, settings: Settings) -> None:
     )
 
 
-def _evaluate(args: argparse.Namespace, settings: Settings) -> None:
-    from drseg.steps import evaluate_step
-
-    outcome = evaluate_step(
-        args.model,
-        args.dataset,
-        args.out,
-        settings.evaluate,
-        settings.tracking,
-        settings.home,
-        pipeline_run_id(),
-        split=args.split,
-    )
-    print(outcome.report.read_text())
-    print(f"metrics, plots and overlays in {args.out}")
-
-
 def _run(args: argparse.Namespace, settings: Settings) -> None:
     from drseg.run import RunError, format_run_summary, run_pipeline
 
@@ -117,11 +100,3 @@ def add_verbs(verbs: Verbs) -> None:
     finetune.add_argument(
         "--encoder", type=Path, help="pretrain output folder to start from (default: random)"
     )
-
-    evaluate = add_verb(
-        verbs, "evaluate", _evaluate, "tiled inference, metrics and plots on a split"
-    )
-    evaluate.add_argument("--model", type=Path, required=True, help="model folder (finetune)")
-    evaluate.add_argument("--dataset", type=Path, required=True, help="dataset folder (clahe)")
-    evaluate.add_argument("--out", type=Path, required=True, help="output folder")
-    evaluate.add_argument("--split", choices=["val", "train"], default="val")

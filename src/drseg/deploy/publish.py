@@ -65,7 +65,8 @@ def version_files(repository: Path, model_name: str, version: int) -> dict[str, 
     if config.platform == PLAN_PLATFORM and any(g.kind != GPU_KIND for g in config.instance_group):
         raise PublishError(
             f"{config_path}: a TensorRT plan with a non-GPU instance group, which Triton's "
-            "TensorRT backend refuses to load; write the repository with serve.instance_kind: gpu"
+            "TensorRT backend refuses to load (a hand-edited config?); write the repository "
+            "again with `drseg repository`, which puts plans on KIND_GPU"
         )
     files = {f"{model_name}/{CONFIG_FILE}": config_path}
     for path in sorted((folder / str(version)).rglob("*")):

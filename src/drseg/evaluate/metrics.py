@@ -5,8 +5,9 @@ over all pixels of all photographs of a split (not a mean over photographs); a p
 without a mask for a class counts as all-negative. Keeping every pixel's probability for a
 split would take gigabytes, so probabilities are quantised into `bins` equal bins and only
 per-class histograms of positive and negative pixels are kept (2 x C x bins counts). Every
-threshold is a bin edge k / bins and a pixel is predicted positive when its bin index is at
-least k, so curve, Dice and thresholded masks (binarize) agree pixel for pixel.
+threshold is a bin edge k / bins: a pixel is predicted positive when its probability is at
+least k / bins, which is the bin index being at least k. Thresholded masks are the client's
+(drseg.serving.client.lesion_masks), so the Dice reported is the Dice of what is served.
 
 Pixels outside the field of view are ignored when a FOV is given. This differs from the
 challenge, which scores every pixel, only by dropping easy negatives: the surround is black
@@ -24,11 +25,12 @@ import numpy.typing as npt
 IDRID_BEST_AUPR: dict[str, float] = {"MA": 0.50, "HE": 0.68, "EX": 0.885, "SE": 0.70}
 """Best AUPR reported in the IDRiD challenge per class (Porwal et al., MedIA 2020)."""
 
-EMPTY_DICE = 1.0
-"""Dice (and IoU) when neither the truth nor the prediction has a positive pixel: nothing
-was there and nothing was found, which is a perfect answer, not an undefined one."""
+EMPTY_DICE = math.nan
+"""Dice (and IoU) when neither the truth nor the prediction has a positive pixel: 0 / 0,
+undefined. Scoring it 1.0 let a model that predicts nothing pass on data without lesions
+(a misnamed mask folder); NaN reaches metrics.json as null, and a gate rule that reads a
+null fails."""
 
-Bool = npt.NDArray[np.bool_]
 Counts = npt.NDArray[np.int64]
 
 
@@ -47,16 +49,11 @@ def threshold_bin(threshold: float, bins: int) -> int:
     return round(threshold * bins)
 
 
-def binarize(quantized: np.ndarray, thresholds: tuple[float, ...], bins: int) -> Bool:
-    """(C, H, W) bin indices -> (C, H, W) predicted masks, one threshold per class."""
-    edges = np.array([threshold_bin(t, bins) for t in thresholds])
-    return np.asarray(quantized >= edges[:, None, None])
-
-
-def dice_iou(tp: int, fp: int, fn: int) -> tuple[float, float]:
-    """Dice and IoU from counts; EMPTY_DICE for both when there is nothing to find or found."""
+def dice_iou(tp: int, fp: int, fn: int, empty: float = EMPTY_DICE) -> tuple[float, float]:
+    """Dice and IoU from counts; `empty` for both when there is nothing to find or found
+    (EMPTY_DICE, undefined, for a score; an agreement of two models may pass 1.0)."""
     if tp + fp + fn == 0:
-        return EMPTY_DICE, EMPTY_DICE
+        return empty, empty
     return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
 
 
@@ -135,12 +132,6 @@ class PixelCurves:
         gained = np.diff(recall, prepend=0.0)
         return float(np.sum(gained * precision))
 
-    def dice_iou_at(self, cls: str, threshold: float) -> tuple[float, float]:
-        """Dataset-level Dice and IoU: TP, FP, FN summed over all pixels of the split."""
-        tp, fp = self._predicted(cls)
-        k = threshold_bin(threshold, self.bins)
-        return dice_iou(int(tp[k]), int(fp[k]), self.positives(cls) - int(tp[k]))
-
     def best_threshold(self, cls: str) -> float:
         """The bin edge 1/bins .. 1 that maximises dataset-level Dice (edge 0 would predict
         every pixel). Ties, such as the whole gap between perfectly separated scores, go to
@@ -148,27 +139,46 @@ class PixelCurves:
         photograph's scores would cross first."""
         tp, fp = (counts[1:] for counts in self._predicted(cls))
         denominator = self.positives(cls) + tp + fp
-        dice = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), EMPTY_DICE)
+        dice = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
         edges = (np.flatnonzero(dice == dice.max()) + 1) / self.bins
         return float(edges[np.argmin(np.abs(edges - 0.5))])
 
 
-class ThresholdedDice:
-    """Per-image Dice per class and the Dice of the merged any-lesion mask, from
-    predictions already thresholded (see binarize).
+def combined(curves: list[PixelCurves]) -> PixelCurves:
+    """One set of histograms holding every pixel of `curves` (same classes and bins)."""
+    if not curves:
+        raise ValueError("no curves to combine; pass at least one")
+    total = PixelCurves(curves[0].classes, curves[0].bins)
+    for part in curves:
+        if (part.classes, part.bins) != (total.classes, total.bins):
+            raise ValueError(
+                f"curves of classes {part.classes} with {part.bins} bins cannot join "
+                f"{total.classes} with {total.bins} bins"
+            )
+        total.positive += part.positive
+        total.negative += part.negative
+    return total
 
+
+class ThresholdedDice:
+    """Dataset-level Dice and IoU per class, per-image Dice per class and the Dice of the
+    merged any-lesion mask, from predictions already thresholded.
+
+    Dataset-level scores sum TP, FP and FN over all pixels of the split (inside the FOV).
     Per-image Dice skips images whose ground truth is empty for the class inside the FOV:
-    there, any false positive gives 0 and none gives 1, which would swamp the mean with
-    what the dataset-level Dice measures better; skipped images are counted. The merged
-    mask is the union over classes, for the truth and for the prediction; its Dice sums
-    TP, FP, FN over all pixels of the split, like the per-class dataset-level Dice.
+    there, any false positive gives 0 and none gives an undefined 0 / 0, which would swamp
+    the mean with what the dataset-level Dice measures better; skipped images are counted,
+    and so are those where the prediction is empty too. The merged mask is the union over
+    classes, for the truth and for the prediction, its Dice dataset-level.
     """
 
     def __init__(self, classes: tuple[str, ...]) -> None:
         self.classes = classes
         self.per_image: dict[str, list[float]] = {c: [] for c in classes}
         self.excluded_empty: dict[str, int] = dict.fromkeys(classes, 0)
-        self.merged_counts = np.zeros(3, np.int64)  # tp, fp, fn
+        self.empty_both: dict[str, int] = dict.fromkeys(classes, 0)
+        self.counts = np.zeros((len(classes), 3), np.int64)  # per class: tp, fp, fn
+        self.merged_counts = np.zeros(3, np.int64)
 
     def update(self, pred: np.ndarray, truth: np.ndarray, fov: np.ndarray | None) -> None:
         """Add one image: pred and truth (C, H, W) bool, fov (H, W) bool or None."""
@@ -177,12 +187,15 @@ class ThresholdedDice:
         pred = np.asarray(pred, bool) & inside
         truth = np.asarray(truth, bool) & inside
         for c, cls in enumerate(self.classes):
-            if not truth[c].any():
-                self.excluded_empty[cls] += 1
-                continue
             tp = int(np.count_nonzero(pred[c] & truth[c]))
             fp = int(np.count_nonzero(pred[c])) - tp
-            self.per_image[cls].append(dice_iou(tp, fp, int(np.count_nonzero(truth[c])) - tp)[0])
+            fn = int(np.count_nonzero(truth[c])) - tp
+            self.counts[c] += (tp, fp, fn)
+            if tp + fn == 0:
+                self.excluded_empty[cls] += 1
+                self.empty_both[cls] += fp == 0
+                continue
+            self.per_image[cls].append(dice_iou(tp, fp, fn)[0])
         any_pred, any_truth = pred.any(axis=0), truth.any(axis=0)
         tp = int(np.count_nonzero(any_pred & any_truth))
         self.merged_counts += (
@@ -190,6 +203,12 @@ class ThresholdedDice:
             int(np.count_nonzero(any_pred)) - tp,
             int(np.count_nonzero(any_truth)) - tp,
         )
+
+    def dice_iou(self, cls: str) -> tuple[float, float]:
+        """Dataset-level Dice and IoU of one class; NaN when the split has no lesion pixel
+        of it and none was predicted."""
+        tp, fp, fn = (int(n) for n in self.counts[self.classes.index(cls)])
+        return dice_iou(tp, fp, fn)
 
     def per_image_mean(self, cls: str) -> float:
         """Mean per-image Dice over images with lesion pixels; NaN when there are none."""

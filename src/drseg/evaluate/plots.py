@@ -10,19 +10,8 @@ import cv2
 import numpy as np
 
 from drseg import atomic
+from drseg.classes import CLASS_COLOURS, OTHER_COLOUR
 from drseg.evaluate.metrics import IDRID_BEST_AUPR, PixelCurves
-
-CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
-    "MA": (0, 220, 0),
-    "HE": (40, 90, 255),
-    "EX": (0, 230, 255),
-    "SE": (255, 0, 255),
-}
-"""RGB per lesion class, chosen to stand out on the red-orange fundus and from each other
-(exudates are yellow themselves, so theirs is cyan)."""
-
-OTHER_COLOUR = (255, 255, 255)
-"""For a class outside CLASS_COLOURS (e.g. the optic disc)."""
 
 _FILL_ALPHA = 0.45
 _LEGEND_HEIGHT = 28

@@ -23,7 +23,7 @@ import json
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,20 +55,9 @@ PARITY_SHAPES = ((2, 3, 64, 96), (1, 3, 96, 128))
 """Random inputs of the parity check: batch > 1 and non-square, both unlike TRACE_SHAPE."""
 
 
-def read_thresholds(metrics_file: Path, classes: Sequence[str]) -> dict[str, float]:
-    """Per-class thresholds from the evaluate stage's metrics.json."""
-    metrics_file = Path(metrics_file)
-    fix = "pass the metrics.json the evaluate stage wrote for this model"
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"{metrics_file}: metrics file not found; {fix}")
-    try:
-        per_class = json.loads(metrics_file.read_text())["classes"]
-        return {cls: float(per_class[cls]["threshold"]) for cls in classes}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"{metrics_file}: no threshold for every class of {list(classes)} under "
-            f"classes.<class>.threshold ({type(exc).__name__}: {exc}); {fix}"
-        ) from exc
+UNTUNED_THRESHOLD = 0.5
+"""Every class's threshold in a fresh export: evaluation tunes them on the exported graph's
+own outputs and stamps them into the contract (with_thresholds) before anything serves it."""
 
 
 def _check_dataset_preprocessing(
@@ -228,7 +217,7 @@ def _with_metadata(graph: bytes, contract: ServingContract) -> bytes:
 
 def export_onnx(
     model_dir: Path,
-    metrics_file: Path,
+    thresholds: Mapping[str, float] | None,
     out_path: Path,
     settings: ExportSettings,
     ingest: IngestSettings,
@@ -240,7 +229,8 @@ def export_onnx(
     after the parity check passes.
 
     The contract takes its preprocessing from `ingest` and `clahe` (the settings the
-    training data was made with) and its thresholds from `metrics_file`. With `dataset_dir`
+    training data was made with) and its thresholds from `thresholds` (None: every class at
+    UNTUNED_THRESHOLD, until evaluation stamps tuned ones in). With `dataset_dir`
     (the CLAHE-stage dataset) those settings are checked against the dataset's manifest and
     its first photograph joins the random inputs of the parity check.
     """
@@ -249,7 +239,8 @@ def export_onnx(
 
     model_dir, out_path = Path(model_dir), Path(out_path)
     card = ModelCard.read(model_dir)
-    thresholds = read_thresholds(metrics_file, card.model.classes)
+    classes = card.model.classes
+    chosen = dict.fromkeys(classes, UNTUNED_THRESHOLD) if thresholds is None else dict(thresholds)
     if dataset_dir is not None:
         _check_dataset_preprocessing(Path(dataset_dir), ingest, clahe)
     network = load_trained_model(model_dir / WEIGHTS_FILE, card.model)
@@ -266,7 +257,7 @@ def export_onnx(
         mean=IMAGE_MEAN,
         std=IMAGE_STD,
         classes=card.model.classes,
-        thresholds=thresholds,
+        thresholds=chosen,
         encoder=card.model.encoder,
         dataset_hash=card.dataset_hash,
         model_version=model_version,
@@ -285,6 +276,25 @@ def export_onnx(
     parity = check_parity(graph, module, inputs, settings.parity_tolerance, str(model_dir))
     atomic.write_bytes(out_path, graph)
     return ExportResult(out_path, contract, parity, seconds, len(graph))
+
+
+def with_thresholds(onnx_path: Path, thresholds: Mapping[str, float], out_path: Path) -> Path:
+    """A copy of an exported graph whose contract ships `thresholds`; the graph itself (and
+    so every probability) is unchanged, only the contract in its metadata differs."""
+    proto = onnx.load(str(onnx_path))
+    entries = {p.key: p for p in proto.metadata_props}
+    if CONTRACT_KEY not in entries:
+        raise ValueError(
+            f"{onnx_path}: no {CONTRACT_KEY!r} metadata, so not exported by drseg; export the "
+            f"model folder with drseg.export.onnx_export.export_onnx"
+        )
+    contract = ServingContract.from_json(entries[CONTRACT_KEY].value, str(onnx_path))
+    updated = ServingContract.model_validate(
+        {**contract.model_dump(), "thresholds": dict(thresholds)}
+    )
+    entries[CONTRACT_KEY].value = updated.to_json()
+    atomic.write_bytes(Path(out_path), proto.SerializeToString())
+    return Path(out_path)
 
 
 def export_summary(result: ExportResult) -> dict[str, Any]:

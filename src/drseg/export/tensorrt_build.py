@@ -5,22 +5,29 @@ built on a GPU node in the TensorRT image pinned to the Triton image's release, 
 JSON written beside it records both. Where TensorRT or a CUDA GPU is missing (this
 machine, CI), `build_engine` builds nothing and says that ONNX is served, and why.
 
-Dynamic shapes need one optimisation profile: min/opt/max (batch, 3, height, width) from
-ExportSettings, sides multiples of 32. Written for the TensorRT 10 Python API; TensorRT 11
-dropped the FP16 builder flag (strong typing only), which is reported, not ignored.
+Dynamic shapes need one optimisation profile: min/opt/max (batch, 3, height, width),
+derived from the graph's working width and the photographs' shapes (drseg.config's
+trt_profile, also checked when the settings load), sides multiples of 32. A built plan is
+checked against the graph before it may be served (drseg.steps.engine_step, which runs it
+with plan_runner). Written for the TensorRT 10 Python API; TensorRT 11 dropped the FP16
+builder flag (strong typing only), which is reported, not ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
+
 from drseg import atomic
-from drseg.config import ExportSettings, Shape, check_order, check_shape
-from drseg.contract import INPUT_NAME
+from drseg.config import ExportSettings, Shape, check_order, check_shape, trt_profile
+from drseg.contract import INPUT_NAME, OUTPUT_NAME, read_contract
 
 PLAN_FILE = "model.plan"
 PLAN_METADATA_FILE = "model.plan.json"
@@ -51,17 +58,16 @@ class OptimizationProfile:
         check_order(shapes["min"], shapes["opt"], shapes["max"])
 
 
-def optimization_profile(settings: ExportSettings) -> OptimizationProfile:
+def optimization_profile(settings: ExportSettings, working_width: int) -> OptimizationProfile:
+    """The profile for photographs at `working_width` (the graph's contract), drseg.config's
+    trt_profile as TensorRT takes it."""
+
     def image(shape: Shape) -> ImageShape:
         batch, height, width = shape
         return batch, 3, height, width
 
-    return OptimizationProfile(
-        INPUT_NAME,
-        image(settings.trt_min_shape),
-        image(settings.trt_opt_shape),
-        image(settings.trt_max_shape),
-    )
+    low, opt, high = trt_profile(settings, working_width)
+    return OptimizationProfile(INPUT_NAME, image(low), image(opt), image(high))
 
 
 def unavailable_reason(tensorrt_version: str | None, gpu_name: str | None) -> str | None:
@@ -135,11 +141,12 @@ class EngineResult:
 
 def build_engine(onnx_path: Path, out_dir: Path, settings: ExportSettings) -> EngineResult:
     """Build <out_dir>/model.plan and <out_dir>/model.plan.json where possible; otherwise
-    build nothing and return served format "onnx" with the reason."""
-    profile = optimization_profile(settings)
+    build nothing and return served format "onnx" with the reason. The profile holds the
+    graph's working width (from its serving contract)."""
     reason = engine_unavailable_reason()
     if reason is not None:
         return EngineResult("onnx", f"no TensorRT engine built: {reason}")
+    profile = optimization_profile(settings, read_contract(Path(onnx_path)).working_width)
     return _build(Path(onnx_path), Path(out_dir), profile, settings)
 
 
@@ -173,9 +180,9 @@ def _build(
                 f"set export.trt_fp16 to false, or convert {onnx_path} to FP16 first"
             )
         config.set_flag(trt.BuilderFlag.FP16)
-    trt_profile = builder.create_optimization_profile()
-    trt_profile.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
-    config.add_optimization_profile(trt_profile)
+    shapes = builder.create_optimization_profile()
+    shapes.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(shapes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(
@@ -188,3 +195,38 @@ def _build(
     meta = engine_metadata(profile, settings.trt_fp16, str(trt.__version__), *gpu, digest)
     atomic.write_text(metadata, json.dumps(meta, indent=2) + "\n")
     return EngineResult("tensorrt_plan", f"built with TensorRT {trt.__version__}", plan, metadata)
+
+
+def plan_runner(plan: Path) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+    """Run a TensorRT plan on GPU 0 with torch's CUDA memory: (N, 3, H, W) float32 in, the
+    probabilities out, as float32. Only where a plan could be built."""
+    import torch
+
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+        Path(plan).read_bytes()
+    )
+    if engine is None:
+        raise RuntimeError(f"{plan}: TensorRT {trt.__version__} cannot load this plan")
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        image = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).cuda()
+        context.set_input_shape(INPUT_NAME, tuple(image.shape))
+        context.set_tensor_address(INPUT_NAME, image.data_ptr())
+        buffers = {}
+        for name in outputs:
+            shape = tuple(context.get_tensor_shape(name))
+            dtype = torch.float16 if engine.get_tensor_dtype(name) == trt.float16 else torch.float32
+            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{plan}: TensorRT execution failed for input {batch.shape}")
+        stream.synchronize()
+        return np.asarray(buffers[OUTPUT_NAME].float().cpu().numpy(), np.float32)
+
+    return run

@@ -19,10 +19,9 @@ resize to the working width, field of view and CLAHE (drseg.preprocess), then
 one request, padded at the bottom and right to a multiple of 32 by repeating edge pixels
 (as tiled evaluation pads), and the output is cropped back. No tiling: the network is
 fully convolutional and a working-size image (1024 x 704 padded, for IDRiD) is one
-request; a TensorRT plan accepts it while it lies within export.trt_max_shape. Evaluation
-tuned the thresholds on tiled, flip-averaged probabilities (six 512-px tiles x four flips
-at 1024 x 680, ~9x the pixels of one whole-image pass, which also sees more context); how
-much that moves Dice needs a trained model to measure.
+request; the TensorRT profile is derived to hold it (drseg.config.trt_profile). The gate
+scores exactly this path (drseg.evaluate.served: these functions, ONNX Runtime in place of
+the round trip), so the thresholds were tuned on what this client sends.
 A pixel is a lesion when its probability is >= the class threshold and it lies inside the
 field of view (evaluation scores only the field of view).
 
@@ -50,11 +49,11 @@ import numpy as np
 import numpy.typing as npt
 
 from drseg import atomic
+from drseg.classes import CLASS_COLOURS, OTHER_COLOUR
 from drseg.config import IngestSettings
 from drseg.contract import ServingContract, pad_to_multiple, read_contract
 from drseg.data import dataset
 from drseg.data.validation import Rejected, decode_image, read_header
-from drseg.evaluate.plots import CLASS_COLOURS, OTHER_COLOUR
 from drseg.preprocess import clahe, fov_mask, resize_image, working_size
 
 Protocol = Literal["http", "grpc"]

@@ -14,6 +14,7 @@ from components.fingerprint import fingerprint
 from components.gate import gate
 from components.ingest import ingest
 from components.pretrain import pretrain
+from components.publish import publish
 from components.register import register
 from components.tensorrt import tensorrt
 from components.triton_repository import triton_repository
@@ -31,6 +32,7 @@ from drseg.config import (
     ModelSettings,
     PretrainSettings,
     RegistrySettings,
+    RolloutSettings,
     ServeSettings,
 )
 
@@ -112,8 +114,14 @@ def _prepared(
     return ingested, enhanced
 
 
-def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False) -> GraphComponent:
+def build_pipeline(
+    cluster: ClusterSettings, pretrain_on_labelled: bool = False, publish_to_store: bool = True
+) -> GraphComponent:
     """The pipeline with `cluster`'s placement and Secrets.
+
+    `publish_to_store` ends a passing run by publishing its Triton repository where the
+    Rollout reads it (rollout.repository_uri); a local run (`drseg run`) serves its own
+    repository instead and builds the pipeline without it.
 
     `pretrain_on_labelled` (pretrain.include_labelled) wires the labelled train split into
     pretraining. It is fixed here, not a run parameter, because an input artifact is part of
@@ -135,6 +143,7 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
         registry_config: str = RegistrySettings().model_dump_json(),
         export_config: str = ExportSettings().model_dump_json(),
         serve_config: str = ServeSettings().model_dump_json(),
+        rollout_config: str = RolloutSettings().model_dump_json(),
     ) -> None:
         # Caching: the data steps and pretraining are cached on content (see _prepared):
         # pretraining is hours of GPU on an unchanged pool, so it takes no pipeline run id
@@ -243,7 +252,7 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
                 ),
                 False,
             ).set_display_name("tensorrt")
-            _cached(
+            repository = _cached(
                 triton_repository(
                     onnx=served,
                     engine=engine.outputs["engine"],
@@ -252,6 +261,21 @@ def build_pipeline(cluster: ClusterSettings, pretrain_on_labelled: bool = False)
                 ),
                 False,
             ).set_display_name("triton-repository")
+            if publish_to_store:
+                # Idempotent (a published version is never rewritten), yet it writes outside
+                # the run: always run.
+                _cached(
+                    _storage(
+                        publish(
+                            repository=repository.outputs["repository"],
+                            version=registered.outputs["Output"],
+                            serve_config=serve_config,
+                            config=rollout_config,
+                        ),
+                        cluster,
+                    ),
+                    False,
+                ).set_display_name("publish")
 
     return dsl.pipeline(name="drseg-training", description="Fundus lesion segmentation retraining")(
         training

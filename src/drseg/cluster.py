@@ -3,7 +3,7 @@
 compile writes the YAML a cluster runs (checked in, so a review sees what changes on the
 cluster); submit starts one run; schedule starts a recurring run. Cluster placement (GPU
 nodes, /dev/shm, Secrets) comes from `ClusterSettings`; the pipeline's parameters come from
-the same settings `drseg run` uses (drseg.run.pipeline_arguments).
+the same settings `drseg run` uses (drseg.pipeline).
 """
 
 from __future__ import annotations
@@ -15,42 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from drseg import pipeline
 from drseg.config import ClusterSettings, Settings
 from drseg.errors import UserError
 
 if TYPE_CHECKING:
-    from kfp.dsl.graph_component import GraphComponent
-
-COMPILED = Path("pipelines/compiled/training.yaml")
-"""Where `drseg pipeline compile` writes by default (relative to the repository root)."""
+    pass
 
 
 class ClusterError(UserError, ValueError):
     """submit/schedule cannot go ahead as asked; the message names the setting and the fix."""
-
-
-# --- the pipeline on a cluster -------------------------------------------------------------
-
-
-def build(
-    cluster: ClusterSettings | None = None, pretrain_on_labelled: bool = False
-) -> GraphComponent:
-    """The training pipeline placed on the cluster `cluster` describes; see build_pipeline
-    for `pretrain_on_labelled` (pretrain.include_labelled)."""
-    from pipelines.training import build_pipeline
-
-    return build_pipeline(cluster or ClusterSettings(), pretrain_on_labelled)
-
-
-def compile_pipeline(
-    out: Path, cluster: ClusterSettings | None = None, pretrain_on_labelled: bool = False
-) -> Path:
-    """Compile the pipeline to `out` (two YAML documents: the DAG, then Kubernetes settings)."""
-    from kfp import compiler
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build(cluster, pretrain_on_labelled), str(out))
-    return out
 
 
 # --- recurring runs: KFP's cron -----------------------------------------------------------
@@ -206,7 +180,7 @@ def submit(
     one (None is returned): what keeps a cron that only submits from stacking multi-hour
     runs on the same GPUs.
     """
-    from drseg.run import pipeline_arguments
+    from drseg.pipeline import pipeline_arguments
 
     cluster = cluster or settings.cluster
     arguments = pipeline_arguments(settings, source, pool)
@@ -214,7 +188,7 @@ def submit(
     if unless_running and active_run(client, cluster) is not None:
         return None
     with tempfile.TemporaryDirectory() as folder:
-        package = compile_pipeline(
+        package = pipeline.compile_pipeline(
             Path(folder) / "training.yaml", cluster, settings.pretrain.include_labelled
         )
         result = client.create_run_from_pipeline_package(
@@ -243,7 +217,7 @@ def schedule(
     a second one on the same GPUs. No catch-up by default: after the schedule was paused or
     KFP was down, one run starts at the next tick, not one per missed tick.
     """
-    from drseg.run import pipeline_arguments
+    from drseg.pipeline import pipeline_arguments
 
     cron = validate_cron(cron)
     cluster = cluster or settings.cluster
@@ -251,7 +225,7 @@ def schedule(
     client = _client(cluster)
     experiment = client.create_experiment(cluster.experiment, namespace=cluster.namespace)
     with tempfile.TemporaryDirectory() as folder:
-        package = compile_pipeline(
+        package = pipeline.compile_pipeline(
             Path(folder) / "training.yaml", cluster, settings.pretrain.include_labelled
         )
         job = client.create_recurring_run(
@@ -270,7 +244,7 @@ def schedule(
 
 
 def compile_command(args: argparse.Namespace, settings: Settings) -> None:
-    out = compile_pipeline(args.out, settings.cluster, settings.pretrain.include_labelled)
+    out = pipeline.compile_pipeline(args.out, settings.cluster, settings.pretrain.include_labelled)
     print(f"compiled the training pipeline to {out}")
 
 

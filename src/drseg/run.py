@@ -94,38 +94,6 @@ class RunError(UserError, ValueError):
     """The run cannot start as asked; the message says what to pass instead."""
 
 
-def pipeline_arguments(settings: Settings, source: str, pool: str | None) -> dict[str, Any]:
-    """Settings -> the pipeline's parameters (names as in pipelines/training.py).
-
-    `pool` is the unlabelled pool for pretraining. Without one, pretraining must be off:
-    the labelled source then stands in as the pool input, which the pretrain step skips.
-    """
-    pool_ingest = settings.ingest.model_copy(update={"layout": "unlabelled", "val_fraction": 0.0})
-    if pool is None:
-        if settings.pretrain.enabled:
-            raise RunError(
-                "no unlabelled pool for pretraining: pass --pool FOLDER|s3://... (a tree of "
-                "photographs, e.g. IDRiD's unlabelled set), or set pretrain.enabled: false "
-                "to fine-tune from random weights"
-            )
-        pool, pool_ingest = source, settings.ingest
-    return {
-        "source": source,
-        "pool_source": pool,
-        "ingest_config": settings.ingest.model_dump_json(),
-        "pool_ingest_config": pool_ingest.model_dump_json(),
-        "clahe_config": settings.clahe.model_dump_json(),
-        "model_config": settings.model.model_dump_json(),
-        "pretrain_config": settings.pretrain.model_dump_json(),
-        "finetune_config": settings.finetune.model_dump_json(),
-        "evaluate_config": settings.evaluate.model_dump_json(),
-        "gate_config": settings.gate.model_dump_json(),
-        "registry_config": settings.registry.model_dump_json(),
-        "export_config": settings.export.model_dump_json(),
-        "serve_config": settings.serve.model_dump_json(),
-    }
-
-
 def task_outputs(pipeline_root: Path, task: str) -> dict[str, Any]:
     """A finished task's parameters and artifacts (path + metadata), from its executor output."""
     found = sorted(pipeline_root.glob(f"*/{task}/executor_output.json"))
@@ -148,7 +116,7 @@ def run_pipeline(
     """
     from kfp import local
 
-    from drseg.cluster import build
+    from drseg.pipeline import build, pipeline_arguments
 
     if source is not None:
         pipeline_arguments(settings, source, pool)  # refuse a bad request before any work
@@ -192,7 +160,7 @@ def run_pipeline(
     )
     summary: dict[str, Any] = {"run": run.name, "source": source, "steps": steps}
     error = None
-    training = build(settings.cluster, settings.pretrain.include_labelled)
+    training = build(settings.cluster, settings.pretrain.include_labelled, publish_to_store=False)
     tasks = training.pipeline_spec.root.dag.tasks
     display = {name: task.task_info.name for name, task in tasks.items()}
     with _captured(run / "pipeline.log", verbose, display) as log:

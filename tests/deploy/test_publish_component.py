@@ -22,7 +22,7 @@ def test_component_publishes_the_repository_artifact(tmp_path: Path) -> None:
     uri = publish.python_func(
         repository=dsl.Artifact(uri=str(tmp_path / "repo")),
         version=4,
-        model_name="drseg",
+        serve_config=ServeSettings().model_dump_json(),
         config=settings.model_dump_json(),
     )
     assert uri == str(tmp_path / "store" / "4")

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from drseg.cluster import compile_pipeline
 from drseg.config import PretrainSettings
+from drseg.pipeline import compile_pipeline
 
 JOB_ID = "{{$.pipeline_job_uuid}}"
 

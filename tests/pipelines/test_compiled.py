@@ -16,15 +16,9 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from drseg.cluster import (
-    ClusterError,
-    compile_pipeline,
-    schedule,
-    submit,
-    validate_cron,
-)
+from drseg.cluster import ClusterError, schedule, submit, validate_cron
 from drseg.config import ClusterSettings, ModelSettings, PretrainSettings, Settings, load_settings
-from drseg.run import pipeline_arguments
+from drseg.pipeline import build, compile_pipeline, pipeline_arguments
 
 CHECKED_IN = Path(__file__).parents[2] / "pipelines" / "compiled" / "training.yaml"
 GPU_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-tensorrt"}
@@ -35,7 +29,7 @@ CACHED = {"ingest", "ingest-2", "clahe", "clahe-2", "pretrain"}
 """Steps keyed on the content of their data (see pipelines/training.py, test_cache_keys.py)."""
 NOT_CACHED = {"fingerprint", "fingerprint-2", "finetune", "evaluate", "gate", "export"}
 NOT_CACHED |= {"register"}
-NOT_CACHED |= {"tensorrt", "triton-repository"}
+NOT_CACHED |= {"tensorrt", "triton-repository", "publish"}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +139,22 @@ def test_caching_flags(documents: list[dict[str, Any]]) -> None:
     assert set(tasks["pretrain"]["inputs"]["artifacts"]) == {"pool"}
     for name in NOT_CACHED:
         assert tasks[name]["cachingOptions"] == {}, f"{name} must never come from the cache"
+
+
+def test_a_passing_run_publishes_the_version_it_registered(documents: list[dict[str, Any]]) -> None:
+    """On a cluster the run ends by publishing its Triton repository where the Rollout reads
+    it; a local run (kfp.local) serves its own and builds the DAG without the step."""
+    publish = documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]["publish"]
+    inputs = publish["inputs"]
+    assert inputs["artifacts"]["repository"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "repository",
+        "producerTask": "triton-repository",
+    }
+    assert inputs["parameters"]["version"]["taskOutputParameter"]["producerTask"] == "register"
+    assert "rollout_config" in documents[0]["root"]["inputDefinitions"]["parameters"]
+    assert "exec-publish" in _platform(documents)  # the S3 Secret, for the object store
+    local = build(ClusterSettings(), publish_to_store=False)
+    assert "publish" not in local.pipeline_spec.components["comp-condition-1"].dag.tasks
 
 
 def test_cluster_settings_change_the_compiled_placement(tmp_path: Path) -> None:

@@ -9,8 +9,10 @@ import pytest
 from drseg.config import Settings, load_settings
 from drseg.contract import read_contract
 from drseg.data import dataset
+from drseg.errors import UserError
 from drseg.evaluate.schema import Metrics
-from drseg.run import RunError, _TaskLog, format_run_summary, pipeline_arguments, run_pipeline
+from drseg.pipeline import pipeline_arguments
+from drseg.run import _TaskLog, format_run_summary, run_pipeline
 from tests.ports import free_ports
 
 
@@ -194,7 +196,7 @@ def test_failed_step_is_recorded_not_raised(settings: Settings, tmp_path: Path) 
 
 
 def test_a_source_without_a_pool_needs_pretraining_off(settings: Settings) -> None:
-    with pytest.raises(RunError, match="--pool"):
+    with pytest.raises(UserError, match="--pool"):
         run_pipeline(settings, source="/data/idrid")
     assert not (settings.home / "runs").exists()
     random_init = settings.model_copy(

@@ -19,6 +19,7 @@ from drseg import cluster
 from drseg.cli.verb import Verbs, add_verb
 from drseg.config import Settings
 from drseg.errors import UserError
+from drseg.pipeline import COMPILED
 
 
 def add_verbs(verbs: Verbs) -> None:
@@ -34,7 +35,7 @@ def _pipeline_verbs(verbs: Verbs) -> None:
     compile_ = pipeline_verbs.add_parser("compile", help="write the compiled pipeline YAML")
     compile_.set_defaults(handler=cluster.compile_command)
     compile_.add_argument(
-        "--out", type=Path, default=cluster.COMPILED, help="output file (default: %(default)s)"
+        "--out", type=Path, default=COMPILED, help="output file (default: %(default)s)"
     )
     submit = pipeline_verbs.add_parser("submit", help="start one run on cluster.kfp_host")
     submit.set_defaults(handler=cluster.submit_command)

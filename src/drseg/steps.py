@@ -30,6 +30,7 @@ from drseg.evaluate.schema import METRICS_FILE, Metrics
 if TYPE_CHECKING:
     from drseg.contract import ServingContract
     from drseg.evaluate.served import ServedGraph
+    from drseg.tracking import NullRun, StageRun
 
 
 class _TrainingResult(Protocol):
@@ -45,16 +46,19 @@ class _TrainingResult(Protocol):
     def precision(self) -> str: ...
 
 
-def _training_figures(result: _TrainingResult) -> dict[str, Any]:
+def _training_figures(result: _TrainingResult, run: StageRun | NullRun) -> dict[str, Any]:
     """What a training stage reports: steps reached, last loss, wall time, throughput, and
-    the arithmetic it ran in (bf16 where the device has the units for it)."""
-    return {
+    the arithmetic it ran in (bf16 where the device has the units for it). The numbers go to
+    MLflow as metrics, the precision as a tag."""
+    numbers = {
         "steps": result.steps,
         "final_loss": result.final_loss,
         "seconds": result.seconds,
         "images_per_second": result.images_per_second,
-        "precision": result.precision,
     }
+    run.log_metrics(numbers)
+    run.set_tags({"drseg.precision": result.precision})
+    return {**numbers, "precision": result.precision}
 
 
 def pretrained_encoder(pretrain_dir: Path) -> Path | None:
@@ -111,8 +115,7 @@ def pretrain_step(
         config={"model": model, "pretrain": settings},
     ) as run:
         result = pretrain(pool_dirs, out_dir, model, settings, run.metric_logger(), labelled_dir)
-        figures = _training_figures(result)
-        run.log_metrics(figures)
+        figures = _training_figures(result, run)
     return {
         **figures,
         "skipped": False,
@@ -154,8 +157,7 @@ def finetune_step(
         result = finetune(dataset_dir, model_dir, model, settings, run.metric_logger(), encoder)
         card = ModelCard(model, settings, dataset_hash, result.steps, encoder_init)
         atomic.write_text(Path(model_dir) / MODEL_CARD, card.to_json())
-        figures = _training_figures(result)
-        run.log_metrics(figures)
+        figures = _training_figures(result, run)
         run.log_artifact(Path(model_dir) / MODEL_CARD)
     return {**figures, "weights": str(result.weights), "mlflow_run_id": run.run_id}
 

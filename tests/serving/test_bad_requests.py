@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -177,6 +178,7 @@ def test_a_bad_tensor_gets_a_400_naming_it_without_traceback_nor_failure_count(
     function (sides, size): a 400 / INVALID_ARGUMENT, one line, and Triton's failure counter
     (what the canary analysis compares) does not move."""
     failures = _failures(served)
+    successes = _metric(served, "nv_inference_request_success")
     client = _module(protocol).InferenceServerClient(url(served.server, protocol))
     try:
         with pytest.raises(InferenceServerException, match=message) as refused:
@@ -185,8 +187,11 @@ def test_a_bad_tensor_gets_a_400_naming_it_without_traceback_nor_failure_count(
         client.close()
     assert refused.value.status() == REFUSED[protocol]
     assert "Traceback" not in str(refused.value) and ".py" not in str(refused.value)
-    assert _failures(served) == failures
     _assert_still_serving(served, protocol, expected)
+    # Counters show up a moment after the answers: once the good request's success shows,
+    # so would the refused one's failure.
+    _settled_metric(served, "nv_inference_request_success", successes)
+    assert _failures(served) == failures
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -287,6 +292,15 @@ def _metric(served: Served, name: str) -> int:
     return sum(int(float(count)) for count in counts)
 
 
+def _settled_metric(served: Served, name: str, before: int) -> int:
+    """The counter once it has moved from `before`: Triton publishes counters a moment after
+    the answers (seen at 0 under load), so wait for the change, bounded."""
+    deadline = time.monotonic() + 30
+    while (value := _metric(served, name)) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_nan_request_batched_with_a_good_one_does_not_fail_it(
@@ -307,7 +321,9 @@ def test_a_nan_request_batched_with_a_good_one_does_not_fail_it(
     executions = _metric(batching, "nv_inference_exec_count")
     with ThreadPoolExecutor(max_workers=2) as pool:
         refused, answered = pool.map(send, [_bad_array(GOOD.shape, np.float32, np.nan), GOOD])
-    assert _metric(batching, "nv_inference_exec_count") == executions + 1, "not one batch"
+    assert _settled_metric(batching, "nv_inference_exec_count", executions) == executions + 1, (
+        "not one batch"
+    )
     assert isinstance(refused, InferenceServerException)
     assert refused.status() == REFUSED[protocol]
     assert "NaN or infinite" in str(refused.message())

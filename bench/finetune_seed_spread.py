@@ -10,36 +10,21 @@ test's stated floor is half the lowest figure measured here (bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from drseg.config import ClaheSettings, FinetuneSettings, IngestSettings, ModelSettings
+from drseg.config import ClaheSettings, IngestSettings
 from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
 from drseg.data.synthetic import write_synthetic_dataset
-from drseg.models.normalize import image_to_tensor
 from drseg.train.finetune import finetune, load_trained_model
-from drseg.train.patches import load_train_split
 
-MODEL = ModelSettings(encoder="resnet18", reconstruction_weight=0.0)
-
-
-def ex_dice(dataset: Path, weights: Path) -> float:
-    model = load_trained_model(weights, MODEL)
-    data = load_train_split(dataset, MODEL.classes)
-    ex = MODEL.classes.index("EX")
-    inter = total = 0
-    with torch.no_grad():
-        for image, masks in zip(data.images, data.masks, strict=True):
-            logits, _ = model(image_to_tensor(image)[None])
-            predicted = (torch.sigmoid(logits[0, ex]) > 0.5).numpy()
-            inter += int(np.count_nonzero(predicted & masks[..., ex]))
-            total += int(np.count_nonzero(predicted)) + int(np.count_nonzero(masks[..., ex]))
-    return 2 * inter / max(total, 1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*: the test's recipe
+from tests.train.test_finetune import MODEL, SETTINGS, training_dice
 
 
 def main() -> None:
@@ -56,24 +41,10 @@ def main() -> None:
         ingest(work / "source", work / "ingested", IngestSettings(working_width=256, workers=1))
         clahe_dataset(work / "ingested", work / "clahe", ClaheSettings(workers=1))
         for seed in (int(s) for s in args.seeds.split(",")):
-            settings = FinetuneSettings(
-                patch_size=64,
-                batch_size=8,
-                max_steps=36,
-                lr=args.lr,
-                warmup_steps=3,
-                schedule="poly",
-                foreground_fraction=1.0,
-                class_sampling=(0.0, 0.0, 1.0, 0.0),
-                class_weights=(0.1, 0.1, 1.0, 0.1),
-                checkpoint_every=12,
-                num_workers=0,
-                precision="32-true",
-                seed=seed,
-            )
+            settings = SETTINGS.model_copy(update={"lr": args.lr, "seed": seed})
             started = time.perf_counter()
             result = finetune(work / "clahe", work / f"seed{seed}", MODEL, settings)
-            dice = ex_dice(work / "clahe", result.weights)
+            dice = training_dice(work / "clahe", load_trained_model(result.weights, MODEL))["EX"]
             print(
                 f"lr {args.lr:g}, threads {torch.get_num_threads()}, seed {seed}: "
                 f"EX Dice {dice:.3f} ({time.perf_counter() - started:.0f} s)",

@@ -165,7 +165,7 @@ def uninterrupted(clahe_256: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return finetune(clahe_256, out, MODEL, SETTINGS)
 
 
-def _dice(dataset_dir: Path, model: torch.nn.Module) -> dict[str, float]:
+def training_dice(dataset_dir: Path, model: torch.nn.Module) -> dict[str, float]:
     """Dataset-level Dice at threshold 0.5 over whole training photographs."""
     data = load_train_split(dataset_dir, MODEL.classes)
     inter = np.zeros(len(MODEL.classes))
@@ -232,7 +232,7 @@ def test_reaches_the_stated_exudate_dice(uninterrupted: FinetuneResult, clahe_25
     """Measured on the fixed synthetic set, 36 steps fp32: see EX_DICE."""
     model = load_trained_model(uninterrupted.weights, MODEL)
     assert not model.training
-    dice = _dice(clahe_256, model)
+    dice = training_dice(clahe_256, model)
     assert dice["EX"] >= EX_DICE, dice
 
 

@@ -119,14 +119,14 @@ def _read_mask(path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def class_probabilities(data: TrainImages, class_sampling: Sequence[float]) -> np.ndarray:
-    """`class_sampling` renormalised over the classes that have lesion pixels; zeros if none."""
+    """`class_sampling` normalised to sum to 1 (zeros if all are 0: uniform centres only).
+    Every class has lesion pixels: load_train_split refuses a split where one has none."""
     if len(class_sampling) != len(data.classes):
         raise ValueError(
             f"finetune.class_sampling has {len(class_sampling)} values for "
             f"{len(data.classes)} classes {data.classes}; give one value per class"
         )
-    present = np.array([len(rows) > 0 for rows in data.lesion_pixels])
-    weights = np.where(present, np.asarray(class_sampling, dtype=np.float64), 0.0)
+    weights = np.asarray(class_sampling, dtype=np.float64)
     if (weights < 0).any():
         raise ValueError(f"finetune.class_sampling {tuple(class_sampling)} must be >= 0")
     total = weights.sum()

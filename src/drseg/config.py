@@ -152,7 +152,6 @@ class TrainingRunSettings(Section):
     """Lightning strategy; "ddp" for several GPUs (pretraining then gathers negatives
     across devices)."""
     devices: int | str = "auto"
-    num_workers: int = Field(2, ge=0)
     seed: int = 0
 
     @field_validator("devices", mode="before")
@@ -198,6 +197,9 @@ class PretrainSettings(TrainingRunSettings):
     temperature: float = Field(0.2, gt=0)
     """NT-Xent temperature."""
     projection_dim: int = Field(128, ge=8)
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes that place and cut the views (fine-tuning needs none: its
+    patches are drawn on the training device)."""
     include_labelled: bool = False
     """Also pretrain on the labelled training photographs, without their labels. Off by
     default: it makes every change to the labelled set re-run pretraining in the pipeline

@@ -153,7 +153,9 @@ def _generator(seed: int = 0, batch: int = 0) -> torch.Generator:
     return batch_generator((seed, 0), batch, "cpu")
 
 
-def test_resident_images_pack_masks_and_fov_bits(data: TrainImages, resident: ResidentImages) -> None:
+def test_resident_images_pack_masks_and_fov_bits(
+    data: TrainImages, resident: ResidentImages
+) -> None:
     assert resident.images.shape == (3, H, W, 3) and resident.images.dtype == torch.uint8
     for index in range(3):
         labels = resident.labels[index].numpy()
@@ -206,7 +208,9 @@ def test_background_centres_are_in_the_field_of_view(
     assert (centres.cls == -1).all()
     assert all(
         data.fovs[i][y, x]
-        for i, y, x in zip(centres.image.tolist(), centres.y.tolist(), centres.x.tolist(), strict=True)
+        for i, y, x in zip(
+            centres.image.tolist(), centres.y.tolist(), centres.x.tolist(), strict=True
+        )
     )
     assert set(centres.image.tolist()) == {0, 1, 2}
 

@@ -224,6 +224,8 @@ class FinetuneModule(StepLoggedModule):
             reconstruction_input=settings.reconstruction_input if self.reconstructs else "clean",
         )
         self._resident: ResidentImages | None = None
+        # A compiled function, not a module attribute: checkpoints keep the model's own keys.
+        self._forward = torch.compile(self.model.forward) if settings.compile else self.model
 
     def train_dataloader(self) -> DataLoader[int]:
         # Called after a checkpoint is restored: the stream continues at the restored step.
@@ -254,15 +256,13 @@ class FinetuneModule(StepLoggedModule):
 
     def training_step(self, batch: int, batch_idx: int) -> Tensor:
         generator = batch_generator((self.settings.seed, self.global_rank), batch, self.device)
-        image, masks, reconstruction_input = sample_batch(
-            self.resident(), self.sampling, generator
-        )
+        image, masks, reconstruction_input = sample_batch(self.resident(), self.sampling, generator)
         size = image.shape[0]
         corrupted = self.reconstructs and self.settings.reconstruction_input != "clean"
         # One forward pass over the clean patches (segmentation) and, when the reconstruction
         # input is corrupted, their corrupted copies (reconstruction): twice the batch.
         inputs = torch.cat([image, reconstruction_input]) if corrupted else image
-        logits, reconstruction = self.model(inputs.contiguous(memory_format=torch.channels_last))
+        logits, reconstruction = self._forward(inputs.contiguous(memory_format=torch.channels_last))
         parts = multitask_loss(
             logits[:size],
             masks,

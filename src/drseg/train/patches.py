@@ -179,7 +179,9 @@ def resident_images(data: TrainImages, device: torch.device | str, min_side: int
     images = np.zeros((len(data.images), height, width, 3), np.uint8)
     labels = np.zeros((len(data.images), height, width), np.uint8)
     bits = (1 << np.arange(len(data.classes))).astype(np.uint8)
-    for index, (image, masks, fov) in enumerate(zip(data.images, data.masks, data.fovs, strict=True)):
+    for index, (image, masks, fov) in enumerate(
+        zip(data.images, data.masks, data.fovs, strict=True)
+    ):
         h, w = image.shape[:2]
         images[index, :h, :w] = image
         labels[index, :h, :w] = (masks @ bits).astype(np.uint8) | (fov.astype(np.uint8) << FOV_BIT)
@@ -276,8 +278,12 @@ def symmetry_grid(size: int, flip: Tensor, quarter_turns: Tensor) -> tuple[Tenso
     j = torch.arange(size, device=device).view(1, 1, size).expand(len(flip), size, size)
     last = size - 1
     turns = quarter_turns.view(-1, 1, 1)
-    rows = torch.where(turns == 0, i, torch.where(turns == 1, j, torch.where(turns == 2, last - i, last - j)))
-    cols = torch.where(turns == 0, j, torch.where(turns == 1, last - i, torch.where(turns == 2, last - j, i)))
+    rows = torch.where(
+        turns == 0, i, torch.where(turns == 1, j, torch.where(turns == 2, last - i, last - j))
+    )
+    cols = torch.where(
+        turns == 0, j, torch.where(turns == 1, last - i, torch.where(turns == 2, last - j, i))
+    )
     return rows, torch.where(flip.view(-1, 1, 1), last - cols, cols)
 
 
@@ -348,7 +354,9 @@ class PatchSampling:
     reconstruction_input: ReconstructionInput
 
 
-def sample_batch(data: ResidentImages, sampling: PatchSampling, generator: torch.Generator) -> Patch:
+def sample_batch(
+    data: ResidentImages, sampling: PatchSampling, generator: torch.Generator
+) -> Patch:
     """One batch of augmented training patches, on data's device: centres, jittered windows,
     flips/rotations, colour jitter, the reconstruction input."""
     batch, size = sampling.batch_size, sampling.patch_size

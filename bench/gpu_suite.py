@@ -13,9 +13,13 @@ and each skipped, with the reason, when the deadline leaves too little time for 
    thresholds); per-class AUPR and Dice. With --photographs, the served graph's per-class
    probabilities for each photograph there, as 8-bit PNGs at the photograph's own size
    (<stem>_<CLASS>.png, 0..255 = 0..1, zero outside the field of view) for an external scorer;
-4. inference: whole photographs at the working size, PyTorch eager vs torch.compile vs ONNX
+4. inference_modes: the quality run's model scored on the same validation photographs, by
+   the same cross-fitted evaluation, in other inference modes than the served one (PyTorch
+   whole image, with flip averaging, Gaussian-tiled, tiled with flips): does serving leave
+   accuracy on the table?
+5. inference: whole photographs at the working size, PyTorch eager vs torch.compile vs ONNX
    Runtime (and TensorRT where importable);
-5. finetune_compiled: the fine-tune stage with finetune.compile (torch.compile).
+6. finetune_compiled: the fine-tune stage with finetune.compile (torch.compile).
 
     python bench/gpu_suite.py --idrid PATH/TO/IDRID --out DIR [--photographs DIR]
     python bench/gpu_suite.py --tiny --out DIR     # CPU, synthetic, ~1 minute: run by make test
@@ -246,6 +250,7 @@ def section_quality(ctx: Context) -> dict[str, Any]:
     profile = ctx.profile
     rate = ctx.figures.get("stage_steps_per_second")
     steps = max(LOG_EVERY, int(profile.train_budget_s * rate)) if rate else 4 * LOG_EVERY
+    steps = ctx.figures.get("quality_steps", steps)
     settings = ctx.finetune(
         max_steps=steps,
         warmup_steps=max(1, int(profile.warmup_fraction * steps)),
@@ -293,6 +298,62 @@ def section_quality(ctx: Context) -> dict[str, Any]:
         graph = ServedGraph(ctx.work / "served" / "model.onnx")
         out = ctx.out / PROBABILITIES_DIR
         figures["probability_pngs"] = write_probabilities(graph, ctx.photographs, out)
+    return figures
+
+
+TILE = 512
+"""Tile side of the tiled modes: the GPU profile's patch size (what the model trained on)."""
+
+
+def torch_runner(
+    network: torch.nn.Module, device: str, tile: int | None, flips: bool
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A ServedGraph runner ((1, 3, H, W) model input -> (1, C, H, W) probabilities) that runs
+    the trained network in PyTorch (fp32): the whole image or Gaussian-weighted tiles, each
+    optionally averaged over the four flips."""
+    from drseg.evaluate.tiling import predict_probabilities
+
+    def logits(batch: torch.Tensor) -> torch.Tensor:
+        return network(batch)[0]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        image = torch.from_numpy(batch[0])
+        side = tile or max(image.shape[1:])
+        probs = predict_probabilities(logits, image, side, 0.5, 4, flips, device)
+        return probs.numpy()[None]
+
+    return run
+
+
+def section_inference_modes(ctx: Context) -> dict[str, Any]:
+    from drseg.evaluate.report import evaluate_dataset
+    from drseg.evaluate.served import SCORED
+
+    served = ctx.figures.get("served")
+    if served is None:
+        raise RuntimeError("no trained model: the quality section did not finish")
+    network = load_trained_model(ctx.figures["weights"], ctx.model(), ctx.device)
+    tile = min(TILE, ctx.profile.patch * 2)
+    modes = {
+        "served (ONNX Runtime, whole image)": None,
+        "pytorch whole image": torch_runner(network, ctx.device, None, False),
+        "pytorch whole image + flips": torch_runner(network, ctx.device, None, True),
+        f"pytorch tiles {tile}": torch_runner(network, ctx.device, tile, False),
+        f"pytorch tiles {tile} + flips": torch_runner(network, ctx.device, tile, True),
+    }
+    figures: dict[str, Any] = {}
+    for name, runner in modes.items():
+        started = time.perf_counter()
+        graph = ServedGraph(served, runner)
+        out = ctx.work / "modes" / name.replace(" ", "-").replace("(", "").replace(")", "")
+        metrics = evaluate_dataset(graph, ctx.dataset, out, EvaluateSettings(), SCORED).metrics
+        row = {f"aupr_{c}": m.aupr for c, m in metrics.classes.items()}
+        row.update({f"dice_{c}": m.dice for c, m in metrics.classes.items()})
+        figures[name] = {
+            "merged_dice": metrics.merged.dice,
+            **row,
+            "seconds": time.perf_counter() - started,
+        }
     return figures
 
 
@@ -366,6 +427,7 @@ SECTIONS: list[tuple[str, Callable[[Context], dict[str, Any]], float, bool]] = [
     ("finetune", section_finetune, 30.0, False),
     ("pretrain", section_pretrain, 30.0, False),
     ("quality", section_quality, 90.0, False),
+    ("inference_modes", section_inference_modes, 60.0, False),
     ("inference", section_inference, 30.0, False),
     ("finetune_compiled", section_finetune_compiled, 120.0, True),
 ]
@@ -408,10 +470,11 @@ def markdown(results: dict[str, Any]) -> str:
     for name, figures in results["sections"].items():
         lines += [f"### {name}", "", "| figure | value |", "|---|---|"]
         for key, value in figures.items():
-            if key == "per_class":
-                for cls, row in value.items():
+            if isinstance(value, dict):
+                nested = all(isinstance(row, dict) for row in value.values())
+                for label, row in value.items() if nested else [(key, value)]:
                     shown = ", ".join(f"{k} {_number(v)}" for k, v in row.items())
-                    lines.append(f"| {cls} | {shown} |")
+                    lines.append(f"| {label} | {shown} |")
             elif key != "traceback":
                 lines.append(f"| {key} | {_number(value)} |")
         lines.append("")
@@ -439,7 +502,12 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         photographs = Path(args.photographs) if args.photographs else None
         ctx = Context(profile, work, dataset, enhanced, photographs, out, device)
+        if args.quality_steps:
+            ctx.figures["quality_steps"] = args.quality_steps
+        chosen = args.sections.split(",") if args.sections else [name for name, *_ in SECTIONS]
         for name, section, needs, compiles in SECTIONS:
+            if name not in chosen:
+                continue
             left = args.deadline - (time.perf_counter() - started)
             needs += profile.train_budget_s if section is section_quality else 0.0
             if compiles and not profile.compile:
@@ -468,6 +536,12 @@ def main() -> None:
     parser.add_argument("--photographs", help="folder of photographs to write probabilities of")
     parser.add_argument("--tiny", action="store_true", help="CPU, synthetic data, seconds")
     parser.add_argument("--budget", type=float, help="quality run's training seconds")
+    parser.add_argument(
+        "--quality-steps", type=int, help="quality run's steps (default: budget x the stage's rate)"
+    )
+    parser.add_argument(
+        "--sections", help=f"comma-separated subset of {', '.join(n for n, *_ in SECTIONS)}"
+    )
     parser.add_argument(
         "--deadline", type=float, default=450.0, help="seconds after which sections are skipped"
     )

@@ -60,6 +60,12 @@ def test_every_section_reports_its_figures(suite: tuple[Path, Path]) -> None:
     assert set(quality["per_class"]) == {"MA", "HE", "EX", "SE"}
     assert all(0 <= row["aupr"] <= 1 for row in quality["per_class"].values())
     assert quality["photographs"] >= 1 and quality["steps"] >= 1
+    modes = sections["inference_modes"]
+    served = modes["served (ONNX Runtime, whole image)"]
+    assert modes["pytorch whole image"]["merged_dice"] == pytest.approx(
+        served["merged_dice"], abs=1e-3
+    ), "the exported graph computes what the trained network computes"
+    assert {"pytorch whole image + flips", "pytorch tiles 128 + flips"} <= set(modes)
     inference = sections["inference"]
     assert inference["eager_images_per_second"] > 0
     assert inference["onnxruntime_images_per_second"] > 0

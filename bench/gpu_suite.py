@@ -509,7 +509,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             if name not in chosen:
                 continue
             left = args.deadline - (time.perf_counter() - started)
-            needs += profile.train_budget_s if section is section_quality else 0.0
+            if section is section_quality and not args.quality_steps:
+                needs += profile.train_budget_s
             if compiles and not profile.compile:
                 results["sections"][name] = {"skipped": "torch.compile is off in this profile"}
             elif left < needs:

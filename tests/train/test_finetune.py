@@ -54,9 +54,10 @@ SETTINGS = FinetuneSettings(
 KILL_AFTER_CHECKPOINTS = 2
 EX_DICE = 0.12
 """Stated Dice for exudates on the training photographs after SETTINGS (36 steps of batch 8,
-~20 s on two idle cores), half the lowest of ten measured runs (AVX2 EPYC, 2026-11-30):
-seeds 0-4 with 1 thread 0.24, 0.32, 0.35, 0.39, 0.43; with 2 threads 0.29, 0.35, 0.42, 0.45,
-0.34. The thread count (and the CPU) changes the order of floating-point sums, hence the
+~20 s on two idle cores), below half the lowest of the measured runs. With the on-device
+batch sampler (2026-11-30, AVX2 EPYC, 1 thread): seeds 0-4 gave 0.395, 0.359, 0.480, 0.304,
+0.350; with the earlier per-patch worker sampler, ten runs (seeds 0-4 x 1 and 2 threads) gave
+0.24-0.45. The thread count (and the CPU) changes the order of floating-point sums, hence the
 numbers, but the run is deterministic for a given host."""
 RESUME_TOLERANCE = 1e-5
 """Largest difference allowed between a weight of the resumed run and of the uninterrupted

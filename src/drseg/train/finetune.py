@@ -225,7 +225,7 @@ class FinetuneModule(StepLoggedModule):
         )
         self._resident: ResidentImages | None = None
         # A compiled function, not a module attribute: checkpoints keep the model's own keys.
-        self._forward = torch.compile(self.model.forward) if settings.compile else self.model
+        self._compiled = torch.compile(self.model.forward) if settings.compile else None
 
     def train_dataloader(self) -> DataLoader[int]:
         # Called after a checkpoint is restored: the stream continues at the restored step.
@@ -262,7 +262,8 @@ class FinetuneModule(StepLoggedModule):
         # One forward pass over the clean patches (segmentation) and, when the reconstruction
         # input is corrupted, their corrupted copies (reconstruction): twice the batch.
         inputs = torch.cat([image, reconstruction_input]) if corrupted else image
-        logits, reconstruction = self._forward(inputs.contiguous(memory_format=torch.channels_last))
+        forward = self._compiled or self.model
+        logits, reconstruction = forward(inputs.contiguous(memory_format=torch.channels_last))
         parts = multitask_loss(
             logits[:size],
             masks,

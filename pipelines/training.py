@@ -28,12 +28,14 @@ from drseg.config import (
     ExportSettings,
     FinetuneSettings,
     GateSettings,
+    GpuStepResources,
     IngestSettings,
     ModelSettings,
     PretrainSettings,
     RegistrySettings,
     RolloutSettings,
     ServeSettings,
+    StepResources,
 )
 
 POOL_INGEST = IngestSettings(layout="unlabelled", val_fraction=0.0)
@@ -59,10 +61,10 @@ def _tracking(task: dsl.PipelineTask, cluster: ClusterSettings) -> dsl.PipelineT
     return _storage(task, cluster)
 
 
-def _gpu(task: dsl.PipelineTask, cluster: ClusterSettings) -> dsl.PipelineTask:
-    """One NVIDIA GPU, on a GPU node (selector and taint toleration), with a memory-backed
-    /dev/shm for DataLoader workers (kfp.local ignores all of it)."""
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+def _gpu(task: dsl.PipelineTask, gpu: GpuStepResources, cluster: ClusterSettings) -> None:
+    """`gpu.gpus` GPUs on a GPU node (selector and taint toleration), with a memory-backed
+    /dev/shm for DataLoader workers."""
+    task.set_accelerator_type(gpu.accelerator_type).set_accelerator_limit(gpu.gpus)
     kubernetes.add_node_selector_json(task, dict(cluster.gpu_node_selector))
     for toleration in cluster.gpu_tolerations:
         kubernetes.add_toleration(
@@ -79,6 +81,32 @@ def _gpu(task: dsl.PipelineTask, cluster: ClusterSettings) -> dsl.PipelineTask:
         medium="Memory",
         size_limit=f"{cluster.shm_size_gi}Gi",
     )
+
+
+def _sized(
+    task: dsl.PipelineTask, step: StepResources, cluster: ClusterSettings
+) -> dsl.PipelineTask:
+    """The step's image (cluster.image_registry/tag; the component names which image),
+    CPU and memory, retries, deadline and, for a GPU step, its GPUs and node placement, from
+    cluster.steps (kfp.local ignores all of it)."""
+    image = task.container_spec.image.rsplit("/", 1)[-1].rsplit(":", 1)[0]
+    task.set_container_image(cluster.image(image))
+    task.set_cpu_request(step.cpu_request).set_memory_request(step.memory_request)
+    if step.cpu_limit is not None:
+        task.set_cpu_limit(step.cpu_limit)
+    if step.memory_limit is not None:
+        task.set_memory_limit(step.memory_limit)
+    if step.retries:
+        task.set_retry(
+            step.retries,
+            backoff_duration=f"{step.backoff_s}s",
+            backoff_factor=step.backoff_factor,
+            backoff_max_duration=f"{step.retry_window_s}s",
+        )
+    if step.timeout_s:
+        kubernetes.set_timeout(task, step.timeout_s)
+    if isinstance(step, GpuStepResources):
+        _gpu(task, step, cluster)
     return task
 
 
@@ -92,19 +120,30 @@ def _prepared(
     cached on it, which keeps its dataset artifact (and so the keys of everything after it)
     the same while the source is unchanged, and makes a new one when a file changes.
     """
-    listed = _cached(_storage(fingerprint(source=source), cluster), False)
+    steps = cluster.steps
+    listed = _cached(
+        _sized(_storage(fingerprint(source=source), cluster), steps.fingerprint, cluster), False
+    )
     ingested = _cached(
-        _storage(
-            ingest(source=source, source_fingerprint=listed.output, config=ingest_config),
+        _sized(
+            _storage(
+                ingest(source=source, source_fingerprint=listed.output, config=ingest_config),
+                cluster,
+            ),
+            steps.ingest,
             cluster,
         ),
         True,
     )
     enhanced = _cached(
-        clahe(
-            dataset=ingested.outputs["dataset"],
-            dataset_hash=ingested.outputs["Output"],
-            config=clahe_config,
+        _sized(
+            clahe(
+                dataset=ingested.outputs["dataset"],
+                dataset_hash=ingested.outputs["Output"],
+                config=clahe_config,
+            ),
+            steps.clahe,
+            cluster,
         ),
         True,
     )
@@ -151,6 +190,7 @@ def build_pipeline(
         # is per run, and from the gate on it reads or changes state outside the run (the
         # registry's @champion, the model repository), so a cached result would be a stale
         # answer: those always run.
+        steps = cluster.steps
         ingested, enhanced = _prepared(source, ingest_config, clahe_config, cluster, "")
         _, enhanced_pool = _prepared(
             pool_source, pool_ingest_config, clahe_config, cluster, "pool-"
@@ -163,12 +203,12 @@ def build_pipeline(
             **({"labelled": enhanced.outputs["enhanced"]} if pretrain_on_labelled else {}),
         )
         pretrained = _cached(
-            _gpu(_tracking(pretrain_task, cluster), cluster), True
+            _sized(_tracking(pretrain_task, cluster), steps.pretrain, cluster), True
         ).set_display_name("pretrain")
         # finetune and evaluate log into this run's MLflow runs, which the gate and the
         # registry then point at: a cached copy would leave this run without them.
         trained = _cached(
-            _gpu(
+            _sized(
                 _tracking(
                     finetune(
                         dataset=enhanced.outputs["enhanced"],
@@ -180,6 +220,7 @@ def build_pipeline(
                     ),
                     cluster,
                 ),
+                steps.finetune,
                 cluster,
             ),
             False,
@@ -188,36 +229,48 @@ def build_pipeline(
         # photographs as `drseg predict` sends them (the ingest-stage dataset: the client
         # applies CLAHE itself), beside @champion's graph on the same photographs.
         exported = _cached(
-            export(
-                model=trained.outputs["model"],
-                dataset=enhanced.outputs["enhanced"],
-                config=export_config,
-                ingest_config=ingest_config,
-                clahe_config=clahe_config,
+            _sized(
+                export(
+                    model=trained.outputs["model"],
+                    dataset=enhanced.outputs["enhanced"],
+                    config=export_config,
+                    ingest_config=ingest_config,
+                    clahe_config=clahe_config,
+                ),
+                steps.export,
+                cluster,
             ),
             False,
         ).set_display_name("export")
         # evaluate reads the registry's @champion, which moves: never cached.
         evaluated = _cached(
-            _tracking(
-                evaluate(
-                    onnx=exported.outputs["onnx"],
-                    dataset=ingested.outputs["dataset"],
-                    config=evaluate_config,
-                    registry_config=registry_config,
-                    pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            _sized(
+                _tracking(
+                    evaluate(
+                        onnx=exported.outputs["onnx"],
+                        dataset=ingested.outputs["dataset"],
+                        config=evaluate_config,
+                        registry_config=registry_config,
+                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    ),
+                    cluster,
                 ),
+                steps.evaluate,
                 cluster,
             ),
             False,
         ).set_display_name("evaluate")
         verdict = _cached(
-            _tracking(
-                gate(
-                    evaluation=evaluated.outputs["evaluation"],
-                    config=gate_config,
-                    pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            _sized(
+                _tracking(
+                    gate(
+                        evaluation=evaluated.outputs["evaluation"],
+                        config=gate_config,
+                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    ),
+                    cluster,
                 ),
+                steps.gate,
                 cluster,
             ),
             False,
@@ -230,34 +283,43 @@ def build_pipeline(
             served = evaluated.outputs["served"]
             # register creates a registry version: it must happen once per passing run.
             registered = _cached(
-                _tracking(
-                    register(
-                        onnx=served,
-                        model=trained.outputs["model"],
-                        evaluation=evaluated.outputs["evaluation"],
-                        verdict=verdict.outputs["verdict"],
-                        registry_config=registry_config,
-                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                _sized(
+                    _tracking(
+                        register(
+                            onnx=served,
+                            model=trained.outputs["model"],
+                            evaluation=evaluated.outputs["evaluation"],
+                            verdict=verdict.outputs["verdict"],
+                            registry_config=registry_config,
+                            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        ),
+                        cluster,
                     ),
+                    steps.registration,
                     cluster,
                 ),
                 False,
             ).set_display_name("register")
             engine = _cached(
-                _gpu(
+                _sized(
                     tensorrt(
                         onnx=served, dataset=ingested.outputs["dataset"], config=export_config
                     ),
+                    steps.tensorrt,
                     cluster,
                 ),
                 False,
             ).set_display_name("tensorrt")
             repository = _cached(
-                triton_repository(
-                    onnx=served,
-                    engine=engine.outputs["engine"],
-                    version=registered.outputs["Output"],
-                    config=serve_config,
+                _sized(
+                    triton_repository(
+                        onnx=served,
+                        engine=engine.outputs["engine"],
+                        version=registered.outputs["Output"],
+                        config=serve_config,
+                    ),
+                    steps.triton_repository,
+                    cluster,
                 ),
                 False,
             ).set_display_name("triton-repository")
@@ -265,13 +327,17 @@ def build_pipeline(
                 # Idempotent (a published version is never rewritten), yet it writes outside
                 # the run: always run.
                 _cached(
-                    _storage(
-                        publish(
-                            repository=repository.outputs["repository"],
-                            version=registered.outputs["Output"],
-                            serve_config=serve_config,
-                            config=rollout_config,
+                    _sized(
+                        _storage(
+                            publish(
+                                repository=repository.outputs["repository"],
+                                version=registered.outputs["Output"],
+                                serve_config=serve_config,
+                                config=rollout_config,
+                            ),
+                            cluster,
                         ),
+                        steps.publish,
                         cluster,
                     ),
                     False,

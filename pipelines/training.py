@@ -7,6 +7,7 @@ takes it as ClusterSettings; kfp.local ignores it with a warning.
 """
 
 from components.clahe import clahe
+from components.close_runs import close_runs
 from components.evaluate import evaluate
 from components.export import export
 from components.finetune import finetune
@@ -191,157 +192,169 @@ def build_pipeline(
         # registry's @champion, the model repository), so a cached result would be a stale
         # answer: those always run.
         steps = cluster.steps
-        ingested, enhanced = _prepared(source, ingest_config, clahe_config, cluster, "")
-        _, enhanced_pool = _prepared(
-            pool_source, pool_ingest_config, clahe_config, cluster, "pool-"
-        )
-        pretrain_task = pretrain(
-            pool=enhanced_pool.outputs["enhanced"],
-            pool_hash=enhanced_pool.outputs["Output"],
-            model_config=model_config,
-            config=pretrain_config,
-            **({"labelled": enhanced.outputs["enhanced"]} if pretrain_on_labelled else {}),
-        )
-        pretrained = _cached(
-            _sized(_tracking(pretrain_task, cluster), steps.pretrain, cluster), True
-        ).set_display_name("pretrain")
-        # finetune and evaluate log into this run's MLflow runs, which the gate and the
-        # registry then point at: a cached copy would leave this run without them.
-        trained = _cached(
+        # The exit handler runs after every other step, whatever their outcome: after a
+        # failure or a cancellation it ends the pipeline's MLflow runs that a lost pod left
+        # open (drseg.tracking.close_pipeline_runs); after success it changes nothing.
+        closing = _cached(
             _sized(
-                _tracking(
-                    finetune(
-                        dataset=enhanced.outputs["enhanced"],
-                        dataset_hash=enhanced.outputs["Output"],
-                        encoder=pretrained.outputs["encoder"],
-                        model_config=model_config,
-                        config=finetune_config,
-                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                    ),
-                    cluster,
-                ),
-                steps.finetune,
+                _tracking(close_runs(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), cluster),
+                steps.close_runs,
                 cluster,
             ),
             False,
-        ).set_display_name("finetune")
-        # The gate scores the served artifact: export first, then evaluate THE GRAPH on the
-        # photographs as `drseg predict` sends them (the ingest-stage dataset: the client
-        # applies CLAHE itself), beside @champion's graph on the same photographs.
-        exported = _cached(
-            _sized(
-                export(
-                    model=trained.outputs["model"],
-                    dataset=enhanced.outputs["enhanced"],
-                    config=export_config,
-                    ingest_config=ingest_config,
-                    clahe_config=clahe_config,
-                ),
-                steps.export,
-                cluster,
-            ),
-            False,
-        ).set_display_name("export")
-        # evaluate reads the registry's @champion, which moves: never cached.
-        evaluated = _cached(
-            _sized(
-                _tracking(
-                    evaluate(
-                        onnx=exported.outputs["onnx"],
-                        dataset=ingested.outputs["dataset"],
-                        config=evaluate_config,
-                        registry_config=registry_config,
-                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                    ),
-                    cluster,
-                ),
-                steps.evaluate,
-                cluster,
-            ),
-            False,
-        ).set_display_name("evaluate")
-        verdict = _cached(
-            _sized(
-                _tracking(
-                    gate(
-                        evaluation=evaluated.outputs["evaluation"],
-                        config=gate_config,
-                        pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                    ),
-                    cluster,
-                ),
-                steps.gate,
-                cluster,
-            ),
-            False,
-        ).set_display_name("gate")
-        # A failed gate ends the run here, cleanly: nothing below runs, nothing is registered.
-        with dsl.If(verdict.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a DSL condition)
-            # The served graph is the one the gate scored, with the thresholds evaluation
-            # tuned in its contract; tensorrt and triton-repository feed this run's version,
-            # so a cached artifact from an earlier run would be served under it.
-            served = evaluated.outputs["served"]
-            # register creates a registry version: it must happen once per passing run.
-            registered = _cached(
+        ).set_display_name("close-runs")
+        with dsl.ExitHandler(closing, name="training"):
+            ingested, enhanced = _prepared(source, ingest_config, clahe_config, cluster, "")
+            _, enhanced_pool = _prepared(
+                pool_source, pool_ingest_config, clahe_config, cluster, "pool-"
+            )
+            pretrain_task = pretrain(
+                pool=enhanced_pool.outputs["enhanced"],
+                pool_hash=enhanced_pool.outputs["Output"],
+                model_config=model_config,
+                config=pretrain_config,
+                **({"labelled": enhanced.outputs["enhanced"]} if pretrain_on_labelled else {}),
+            )
+            pretrained = _cached(
+                _sized(_tracking(pretrain_task, cluster), steps.pretrain, cluster), True
+            ).set_display_name("pretrain")
+            # finetune and evaluate log into this run's MLflow runs, which the gate and the
+            # registry then point at: a cached copy would leave this run without them.
+            trained = _cached(
                 _sized(
                     _tracking(
-                        register(
-                            onnx=served,
-                            model=trained.outputs["model"],
-                            evaluation=evaluated.outputs["evaluation"],
-                            verdict=verdict.outputs["verdict"],
+                        finetune(
+                            dataset=enhanced.outputs["enhanced"],
+                            dataset_hash=enhanced.outputs["Output"],
+                            encoder=pretrained.outputs["encoder"],
+                            model_config=model_config,
+                            config=finetune_config,
+                            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        ),
+                        cluster,
+                    ),
+                    steps.finetune,
+                    cluster,
+                ),
+                False,
+            ).set_display_name("finetune")
+            # The gate scores the served artifact: export first, then evaluate THE GRAPH on the
+            # photographs as `drseg predict` sends them (the ingest-stage dataset: the client
+            # applies CLAHE itself), beside @champion's graph on the same photographs.
+            exported = _cached(
+                _sized(
+                    export(
+                        model=trained.outputs["model"],
+                        dataset=enhanced.outputs["enhanced"],
+                        config=export_config,
+                        ingest_config=ingest_config,
+                        clahe_config=clahe_config,
+                    ),
+                    steps.export,
+                    cluster,
+                ),
+                False,
+            ).set_display_name("export")
+            # evaluate reads the registry's @champion, which moves: never cached.
+            evaluated = _cached(
+                _sized(
+                    _tracking(
+                        evaluate(
+                            onnx=exported.outputs["onnx"],
+                            dataset=ingested.outputs["dataset"],
+                            config=evaluate_config,
                             registry_config=registry_config,
                             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                         ),
                         cluster,
                     ),
-                    steps.registration,
+                    steps.evaluate,
                     cluster,
                 ),
                 False,
-            ).set_display_name("register")
-            engine = _cached(
+            ).set_display_name("evaluate")
+            verdict = _cached(
                 _sized(
-                    tensorrt(
-                        onnx=served, dataset=ingested.outputs["dataset"], config=export_config
+                    _tracking(
+                        gate(
+                            evaluation=evaluated.outputs["evaluation"],
+                            config=gate_config,
+                            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        ),
+                        cluster,
                     ),
-                    steps.tensorrt,
+                    steps.gate,
                     cluster,
                 ),
                 False,
-            ).set_display_name("tensorrt")
-            repository = _cached(
-                _sized(
-                    triton_repository(
-                        onnx=served,
-                        engine=engine.outputs["engine"],
-                        version=registered.outputs["Output"],
-                        config=serve_config,
-                    ),
-                    steps.triton_repository,
-                    cluster,
-                ),
-                False,
-            ).set_display_name("triton-repository")
-            if publish_to_store:
-                # Idempotent (a published version is never rewritten), yet it writes outside
-                # the run: always run.
-                _cached(
+            ).set_display_name("gate")
+            # A failed gate ends the run here, cleanly: nothing below runs, nothing is registered.
+            with dsl.If(verdict.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a DSL condition)
+                # The served graph is the one the gate scored, with the thresholds evaluation
+                # tuned in its contract; tensorrt and triton-repository feed this run's version,
+                # so a cached artifact from an earlier run would be served under it.
+                served = evaluated.outputs["served"]
+                # register creates a registry version: it must happen once per passing run.
+                registered = _cached(
                     _sized(
-                        _storage(
-                            publish(
-                                repository=repository.outputs["repository"],
-                                version=registered.outputs["Output"],
-                                serve_config=serve_config,
-                                config=rollout_config,
+                        _tracking(
+                            register(
+                                onnx=served,
+                                model=trained.outputs["model"],
+                                evaluation=evaluated.outputs["evaluation"],
+                                verdict=verdict.outputs["verdict"],
+                                registry_config=registry_config,
+                                pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                             ),
                             cluster,
                         ),
-                        steps.publish,
+                        steps.registration,
                         cluster,
                     ),
                     False,
-                ).set_display_name("publish")
+                ).set_display_name("register")
+                engine = _cached(
+                    _sized(
+                        tensorrt(
+                            onnx=served, dataset=ingested.outputs["dataset"], config=export_config
+                        ),
+                        steps.tensorrt,
+                        cluster,
+                    ),
+                    False,
+                ).set_display_name("tensorrt")
+                repository = _cached(
+                    _sized(
+                        triton_repository(
+                            onnx=served,
+                            engine=engine.outputs["engine"],
+                            version=registered.outputs["Output"],
+                            config=serve_config,
+                        ),
+                        steps.triton_repository,
+                        cluster,
+                    ),
+                    False,
+                ).set_display_name("triton-repository")
+                if publish_to_store:
+                    # Idempotent (a published version is never rewritten), yet it writes outside
+                    # the run: always run.
+                    _cached(
+                        _sized(
+                            _storage(
+                                publish(
+                                    repository=repository.outputs["repository"],
+                                    version=registered.outputs["Output"],
+                                    serve_config=serve_config,
+                                    config=rollout_config,
+                                ),
+                                cluster,
+                            ),
+                            steps.publish,
+                            cluster,
+                        ),
+                        False,
+                    ).set_display_name("publish")
 
     return dsl.pipeline(name="drseg-training", description="Fundus lesion segmentation retraining")(
         training

@@ -591,6 +591,10 @@ class StepsResources(Section):
         cpu_request="1", memory_request="2Gi", memory_limit="4Gi", retries=3, timeout_s=_HOURS
     )
     """An object-store write (retried; publishing is idempotent)."""
+    close_runs: StepResources = _cpu_step(
+        cpu_request="250m", memory_request="512Mi", memory_limit="1Gi", retries=3, timeout_s=900
+    )
+    """The exit handler: MLflow writes (retried)."""
 
     @model_validator(mode="before")
     @classmethod

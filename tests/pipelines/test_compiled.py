@@ -24,12 +24,12 @@ CHECKED_IN = Path(__file__).parents[2] / "pipelines" / "compiled" / "training.ya
 GPU_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-tensorrt"}
 STORAGE_EXECUTORS = {"exec-ingest", "exec-ingest-2", "exec-fingerprint", "exec-fingerprint-2"}
 TRACKING_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-gate"}
-TRACKING_EXECUTORS |= {"exec-register"}
+TRACKING_EXECUTORS |= {"exec-register", "exec-close-runs"}
 CACHED = {"ingest", "ingest-2", "clahe", "clahe-2", "pretrain"}
 """Steps keyed on the content of their data (see pipelines/training.py, test_cache_keys.py)."""
 NOT_CACHED = {"fingerprint", "fingerprint-2", "finetune", "evaluate", "gate", "export"}
 NOT_CACHED |= {"register"}
-NOT_CACHED |= {"tensorrt", "triton-repository", "publish"}
+NOT_CACHED |= {"tensorrt", "triton-repository", "publish", "close-runs"}
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,8 @@ def test_caching_flags(documents: list[dict[str, Any]]) -> None:
     """Only the source listing always runs; pretraining takes no per-run parameter (no
     pipeline run id) and, by default, not the labelled data, so an unchanged pool reuses
     its encoder."""
-    tasks = dict(documents[0]["root"]["dag"]["tasks"])
-    tasks |= documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]
-    assert set(tasks) == CACHED | NOT_CACHED | {"condition-1"}
+    tasks = _tasks(documents)
+    assert set(tasks) == CACHED | NOT_CACHED | {"condition-2", "exit-handler-1"}
     for name in CACHED:
         assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
     pretrain_inputs = tasks["pretrain"]["inputs"]["parameters"]
@@ -133,7 +132,7 @@ def test_caching_flags(documents: list[dict[str, Any]]) -> None:
 def test_a_passing_run_publishes_the_version_it_registered(documents: list[dict[str, Any]]) -> None:
     """On a cluster the run ends by publishing its Triton repository where the Rollout reads
     it; a local run (kfp.local) serves its own and builds the DAG without the step."""
-    publish = documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]["publish"]
+    publish = _tasks(documents)["publish"]
     inputs = publish["inputs"]
     assert inputs["artifacts"]["repository"]["taskOutputArtifact"] == {
         "outputArtifactKey": "repository",
@@ -143,7 +142,24 @@ def test_a_passing_run_publishes_the_version_it_registered(documents: list[dict[
     assert "rollout_config" in documents[0]["root"]["inputDefinitions"]["parameters"]
     assert "exec-publish" in _platform(documents)  # the S3 Secret, for the object store
     local = build(ClusterSettings(), publish_to_store=False)
-    assert "publish" not in local.pipeline_spec.components["comp-condition-1"].dag.tasks
+    assert "publish" not in local.pipeline_spec.components["comp-condition-2"].dag.tasks
+
+
+def test_an_exit_handler_closes_the_mlflow_runs_whatever_the_outcome(
+    documents: list[dict[str, Any]],
+) -> None:
+    """Every step runs inside the exit handler's DAG; the exit task runs after it whatever
+    its outcome, with its final status and this run's id (the id its MLflow runs carry)."""
+    root = documents[0]["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "close-runs"}
+    body = documents[0]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"ingest", "finetune", "evaluate", "gate", "condition-2"} <= set(body)
+    closing = root["close-runs"]
+    assert closing["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    inputs = closing["inputs"]["parameters"]
+    assert inputs["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert inputs["pipeline_run_id"] == body["finetune"]["inputs"]["parameters"]["pipeline_run_id"]
+    assert closing["componentRef"]["name"] == "comp-close-runs"
 
 
 def test_cluster_settings_change_the_compiled_placement(tmp_path: Path) -> None:
@@ -184,6 +200,7 @@ STEP_OF_EXECUTOR = {
     "exec-tensorrt": "tensorrt",
     "exec-triton-repository": "triton_repository",
     "exec-publish": "publish",
+    "exec-close-runs": "close_runs",
 }
 """Every step's executor and its entry in cluster.steps."""
 IMAGE_OF_EXECUTOR = {name: "runtime" for name in STEP_OF_EXECUTOR}
@@ -196,8 +213,11 @@ IMAGE_OF_EXECUTOR |= {"exec-tensorrt": "tensorrt"}
 
 
 def _tasks(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every task: the root's (the exit handler and its body), the body's, the gate's branch."""
+    components = documents[0]["components"]
     tasks = dict(documents[0]["root"]["dag"]["tasks"])
-    tasks |= documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]
+    tasks |= components["comp-exit-handler-1"]["dag"]["tasks"]
+    tasks |= components["comp-condition-2"]["dag"]["tasks"]
     return tasks
 
 
@@ -269,9 +289,16 @@ def test_retried_where_a_transient_fault_is_plausible_and_never_the_gate(
         "finetune",
         "register",
         "publish",
+        "close-runs",
     }
     finetune = _tasks(documents)["finetune"]["retryPolicy"]
     assert int(finetune["backoffMaxDuration"].removesuffix("s")) > 3 * 24 * 3600
+    # `drseg run` (kfp.local, which honours retry policies) builds without them: a bad
+    # local source fails at once.
+    local = build(ClusterSettings(), publish_to_store=False, retry=False).pipeline_spec
+    dags = [local.root.dag, *(c.dag for c in local.components.values() if c.HasField("dag"))]
+    assert not [name for dag in dags for name, t in dag.tasks.items() if t.HasField("retry_policy")]
+    assert len(dags) == 3  # root, the exit handler's body, the gate's branch
     with pytest.raises(ValueError, match="gate's verdict is not a transient fault"):
         ClusterSettings.model_validate({"steps": {"gate": {"retries": 1}}})
 

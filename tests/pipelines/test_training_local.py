@@ -13,6 +13,7 @@ from drseg.errors import UserError
 from drseg.evaluate.schema import Metrics
 from drseg.pipeline import pipeline_arguments
 from drseg.run import _TaskLog, format_run_summary, run_pipeline
+from drseg.tracking import NO_STAGE_RUN
 from tests.ports import free_ports
 
 
@@ -81,6 +82,7 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
             "register",
             "tensorrt",
             "triton-repository",
+            "close-runs",
             "serve",
         )
     }
@@ -193,6 +195,18 @@ def test_failed_step_is_recorded_not_raised(settings: Settings, tmp_path: Path) 
     assert ("ingest", "failure") in [(s["name"], s["status"]) for s in summary["steps"]]
     assert "ingest" in summary["error"]
     assert "only 0 valid records" in (run / "pipeline.log").read_text()
+    # The exit handler ran (kfp.local runs dsl.ExitHandler with the final status) and, no
+    # stage having opened an MLflow run yet, recorded the failed pipeline in one of its own.
+    assert ("close-runs", "success") in [(s["name"], s["status"]) for s in summary["steps"]]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{settings.home.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(settings.tracking.experiment)
+    assert experiment is not None
+    [pipeline] = client.search_runs([experiment.experiment_id], "tags.`drseg.kind` = 'pipeline'")
+    assert pipeline.info.status == "FAILED"
+    assert pipeline.data.tags["drseg.pipeline_state"] == "FAILED"
+    assert pipeline.data.tags["drseg.failed_step"] == NO_STAGE_RUN
 
 
 def test_a_source_without_a_pool_needs_pretraining_off(settings: Settings) -> None:

@@ -2,9 +2,10 @@
 
 No KFP backend runs here (kfp.local has no cache), so `cache_keys` computes the key of each
 task of the pipeline's body (the exit handler's DAG) the way the KFP v2 driver does
-(backend/src/v2/cacheutils/cache.go): the task's component, its input parameter values, and the names of its input artifacts. An artifact
-keeps its name only when its producer was itself taken from the cache; an uncached producer
-makes a new artifact, so a new name, every run. Uncached tasks' outputs are what they
+(backend/src/v2/cacheutils/cache.go): the task's component, its input parameter values,
+and the names of its input artifacts. An artifact keeps its name only when its producer
+was itself taken from the cache; an uncached producer makes a new artifact, so a new name,
+every run. Uncached tasks' outputs are what they
 compute: here only the fingerprint's listing hash matters, given per source.
 """
 

@@ -149,6 +149,12 @@ class TrainingRunSettings(Section):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     checkpoint_every: int = Field(200, ge=1)
+    checkpoint_uri: str | None = None
+    """Where training also keeps its last checkpoint as it goes (s3://bucket/prefix, or a
+    folder), so a lost pod loses at most checkpoint_every steps: a step run again finds it
+    there and resumes. In the pipeline each run gets its own prefix under it (fine-tuning:
+    /finetune/<pipeline run id>; pretraining: /pretrain/<hash of its inputs>); None: only
+    the local <out>/checkpoints, which a pod takes with it."""
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     """auto: bf16-mixed on GPU, 32-true on CPU."""
     strategy: str = "auto"

@@ -127,7 +127,13 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     assert metrics.dataset_hash == ingested.dataset_hash  # the photographs predict is sent
     assert evaluated["Output"] == (-1.0 if metrics.merged.dice is None else metrics.merged.dice)
     assert (evaluation / "no_champion.txt").read_text() == "drseg-lesions has no @champion yet\n"
-    assert "| MA |" in Path(evaluated["report"]["path"]).read_text()
+    # The run's page in the KFP UI: the report with its images inline (no relative links,
+    # which the UI cannot follow), and the per-class numbers as KFP metrics.
+    shown = Path(evaluated["report"]["path"]).read_text()
+    assert "| MA |" in shown and ".png)" not in shown
+    assert "data:image/png;base64," in shown and "data:image/jpeg;base64," in shown
+    assert evaluated["metrics"]["metadata"] == metrics.scalars()
+    assert {"MA.aupr", "HE.aupr", "EX.aupr"} <= set(metrics.scalars())
     # What was registered and served is the graph the gate scored, with the shipped
     # thresholds in its contract.
     served_graph = repository / "drseg" / "1" / "model.onnx"

@@ -530,14 +530,6 @@ class GpuStepResources(StepResources):
     """The extended resource the GPUs are counted in (the NVIDIA device plugin's by default)."""
 
 
-def _gpu_step(**values: Any) -> GpuStepResources:
-    return GpuStepResources.model_validate(values)
-
-
-def _cpu_step(**values: Any) -> StepResources:
-    return StepResources.model_validate(values)
-
-
 _HOURS = 3600
 
 
@@ -546,18 +538,18 @@ class StepsResources(Section):
     share `fingerprint`, `ingest` and `clahe`. The defaults fit IDRiD-sized data at a working
     width of 1024-2048 px; size them to the data before a larger run."""
 
-    fingerprint: StepResources = _cpu_step(
+    fingerprint: StepResources = StepResources(
         cpu_request="250m", memory_request="512Mi", memory_limit="1Gi", retries=3, timeout_s=900
     )
     """Lists the source (an object-store read: retried)."""
-    ingest: StepResources = _cpu_step(
+    ingest: StepResources = StepResources(
         cpu_request="4", memory_request="8Gi", memory_limit="16Gi", retries=3, timeout_s=4 * _HOURS
     )
     """Reads every photograph from the source (object-store reads: retried)."""
-    clahe: StepResources = _cpu_step(
+    clahe: StepResources = StepResources(
         cpu_request="4", memory_request="4Gi", memory_limit="8Gi", timeout_s=2 * _HOURS
     )
-    pretrain: GpuStepResources = _gpu_step(
+    pretrain: GpuStepResources = GpuStepResources(
         cpu_request="8",
         memory_request="32Gi",
         memory_limit="64Gi",
@@ -566,38 +558,38 @@ class StepsResources(Section):
     )
     """Retried: a lost pod (node drained, preempted) is the common failure of an hours-long
     step."""
-    finetune: GpuStepResources = _gpu_step(
+    finetune: GpuStepResources = GpuStepResources(
         cpu_request="8",
         memory_request="32Gi",
         memory_limit="64Gi",
         retries=2,
         timeout_s=24 * _HOURS,
     )
-    export: StepResources = _cpu_step(
+    export: StepResources = StepResources(
         cpu_request="2", memory_request="4Gi", memory_limit="8Gi", timeout_s=_HOURS
     )
-    evaluate: StepResources = _cpu_step(
+    evaluate: StepResources = StepResources(
         cpu_request="4", memory_request="8Gi", memory_limit="16Gi", timeout_s=4 * _HOURS
     )
-    gate: StepResources = _cpu_step(
+    gate: StepResources = StepResources(
         cpu_request="250m", memory_request="512Mi", memory_limit="1Gi", timeout_s=900
     )
     """Never retried: a verdict is not a transient fault."""
-    registration: StepResources = _cpu_step(
+    registration: StepResources = StepResources(
         cpu_request="1", memory_request="2Gi", memory_limit="4Gi", retries=3, timeout_s=_HOURS
     )
     """The register step: a registry write (retried)."""
-    tensorrt: GpuStepResources = _gpu_step(
+    tensorrt: GpuStepResources = GpuStepResources(
         cpu_request="4", memory_request="16Gi", memory_limit="32Gi", timeout_s=2 * _HOURS
     )
-    triton_repository: StepResources = _cpu_step(
+    triton_repository: StepResources = StepResources(
         cpu_request="1", memory_request="2Gi", memory_limit="4Gi", timeout_s=_HOURS
     )
-    publish: StepResources = _cpu_step(
+    publish: StepResources = StepResources(
         cpu_request="1", memory_request="2Gi", memory_limit="4Gi", retries=3, timeout_s=_HOURS
     )
     """An object-store write (retried; publishing is idempotent)."""
-    close_runs: StepResources = _cpu_step(
+    close_runs: StepResources = StepResources(
         cpu_request="250m", memory_request="512Mi", memory_limit="1Gi", retries=3, timeout_s=900
     )
     """The exit handler: MLflow writes (retried)."""

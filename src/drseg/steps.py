@@ -383,9 +383,9 @@ def register_step(
 ) -> dict[str, Any]:
     """A new registry version (alias @challenger) from the served ONNX file (the graph the
     gate scored, with its thresholds) and the weights, tagged with lineage, metrics and the
-    gate's verdict."""
+    gate's verdict. Once per pipeline run: a retried step returns the version it made."""
     from drseg.gate import GateVerdict
-    from drseg.registry import register_model
+    from drseg.registry import register_model, version_of_pipeline_run
     from drseg.tracking import git_commit, stage_run, tracking_uri
 
     if not tracking.enabled:
@@ -403,8 +403,10 @@ def register_step(
         dataset_hash=card.dataset_hash,
         config=registry,
     ) as run:
-        version = register_model(
-            tracking_uri(tracking, home),
+        uri = tracking_uri(tracking, home)
+        version = version_of_pipeline_run(uri, registry.model_name, pipeline_run_id)
+        version = version or register_model(
+            uri,
             registry.model_name,
             Path(served_dir) / ONNX_FILE,
             Path(model_dir) / WEIGHTS_FILE,

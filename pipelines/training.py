@@ -2,8 +2,10 @@
 
 Each step takes its settings section as JSON; the defaults are drseg.config's, the one
 source of truth, and `drseg run` fills them from the user's settings. Cluster placement
-(GPU nodes, /dev/shm, Secrets) is fixed when the pipeline is built, so `build_pipeline`
-takes it as ClusterSettings; kfp.local ignores it with a warning.
+(GPU nodes, /dev/shm, Secrets) and each step's image, resources, retries and deadline
+(cluster.steps) are fixed when the pipeline is built, so `build_pipeline` takes them as
+ClusterSettings; kfp.local ignores all but the retries, with a warning. Every step runs
+inside an exit handler that closes the run's MLflow runs after a failure.
 """
 
 from components.clahe import clahe

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 
-.PHONY: setup run test test-fast lint format bench images clean
+.PHONY: setup run test test-fast lint format bench bench-gpu bench-gpu-prepare images clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,16 @@ images:
 
 bench: setup
 	$(BIN)/python bench/ingest_clahe.py
+
+# drseg measured on one GPU in one command (bench/gpu_suite.py, at most ~8 minutes): every
+# figure into $(OUT)/gpu_suite.json and .md. IDRID: the IDRiD lesion set (default .gpu/idrid).
+bench-gpu:
+	bench/gpu_run.sh
+
+# For a GPU machine without a package index: wheels, IDRiD and its validation photographs
+# into .gpu/ (git-ignored), to copy along with the checkout.
+bench-gpu-prepare: setup
+	bench/gpu_prepare.sh $(IDRID)
 
 clean:
 	rm -rf .drseg .pytest_cache .mypy_cache .ruff_cache

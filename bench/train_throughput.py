@@ -30,27 +30,34 @@ from drseg.train.losses import multitask_loss
 
 
 def plain_loop(model_settings: ModelSettings, settings: FinetuneSettings, steps: int) -> float:
-    """Images/s of a hand-written loop: forward, loss, backward, AdamW step."""
+    """Images/s of a hand-written loop on resident tensors: forward (the clean batch and, for a
+    corrupted reconstruction input, its masked copy, as the stage does), loss, backward, AdamW
+    step; channels-last, bf16 autocast where the stage would use it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(model_settings).to(device).train()
+    model = build_model(model_settings).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     size, batch = settings.patch_size, settings.batch_size
     images = torch.randn(batch, 3, size, size, device=device)
     masks = (
         torch.rand(batch, len(model_settings.classes), size, size, device=device) > 0.99
     ).float()
+    corrupted = model.reconstruction_head is not None and settings.reconstruction_input != "clean"
+    inputs = torch.cat([images, images * (torch.rand_like(images) > 0.25)]) if corrupted else images
+    inputs = inputs.contiguous(memory_format=torch.channels_last)
     bf16 = resolve_precision(settings.precision) == "bf16-mixed"
     started = 0.0
     for step in range(steps + 1):
         if step == 1:
+            if device == "cuda":
+                torch.cuda.synchronize()
             started = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            logits, reconstruction = model(images)
+            logits, reconstruction = model(inputs)
             loss = multitask_loss(
-                logits,
+                logits[:batch],
                 masks,
                 settings.class_weights,
-                reconstruction=reconstruction,
+                reconstruction=None if reconstruction is None else reconstruction[-batch:],
                 reconstruction_target=images,
                 reconstruction_weight=model_settings.reconstruction_weight,
                 reconstruction_kind=settings.reconstruction_loss,
@@ -83,14 +90,12 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--workers", type=int, default=1, help="data loader workers")
     args = parser.parse_args()
     model_settings = ModelSettings(encoder=args.encoder)
     settings = FinetuneSettings(
         patch_size=args.patch,
         batch_size=args.batch,
         reconstruction_input="clean",
-        num_workers=args.workers,
         checkpoint_every=10_000,
     )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

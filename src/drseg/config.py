@@ -161,7 +161,6 @@ class TrainingRunSettings(Section):
     """Lightning strategy; "ddp" for several GPUs (pretraining then gathers negatives
     across devices)."""
     devices: int | str = "auto"
-    num_workers: int = Field(2, ge=0)
     seed: int = 0
 
     @field_validator("devices", mode="before")
@@ -184,6 +183,9 @@ class FinetuneSettings(TrainingRunSettings):
     """Per-class weight of the Dice + BCE loss."""
     reconstruction_loss: Literal["l1", "mse"] = "l1"
     reconstruction_input: Literal["clean", "noised", "masked"] = "masked"
+    compile: bool = False
+    """torch.compile the model's training forward (and with it the backward): faster steps on
+    a GPU after a minute or two of compiling, worth it for runs of thousands of steps."""
 
     @field_validator("patch_size")
     @classmethod
@@ -207,6 +209,9 @@ class PretrainSettings(TrainingRunSettings):
     temperature: float = Field(0.2, gt=0)
     """NT-Xent temperature."""
     projection_dim: int = Field(128, ge=8)
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes that place and cut the views (fine-tuning needs none: its
+    patches are drawn on the training device)."""
     include_labelled: bool = False
     """Also pretrain on the labelled training photographs, without their labels. Off by
     default: it makes every change to the labelled set re-run pretraining in the pipeline

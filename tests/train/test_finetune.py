@@ -49,7 +49,6 @@ SETTINGS = FinetuneSettings(
     class_sampling=(0.0, 0.0, 1.0, 0.0),
     class_weights=(0.1, 0.1, 1.0, 0.1),
     checkpoint_every=12,
-    num_workers=0,
     precision="32-true",  # the same arithmetic on every host, whatever its CPU offers
 )
 KILL_AFTER_CHECKPOINTS = 2
@@ -285,7 +284,6 @@ def test_reconstruction_head_learns_from_masked_input(clahe_256: Path, tmp_path:
         max_steps=1,
         warmup_steps=0,
         reconstruction_input="masked",
-        num_workers=0,
     )
     metrics: Metrics = []
     with pytest.MonkeyPatch.context() as patch:

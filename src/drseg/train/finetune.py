@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from drseg import atomic
 from drseg.artifacts import WEIGHTS_FILE
@@ -40,12 +41,14 @@ from drseg.models.unet import (
 from drseg.train.checkpoint_store import RemoteCheckpoint, UploadingCheckpointIO
 from drseg.train.losses import multitask_loss
 from drseg.train.patches import (
-    Patch,
     PatchSampling,
-    PatchStream,
+    ResidentImages,
     TrainImages,
+    batch_generator,
     class_probabilities,
     load_train_split,
+    resident_images,
+    sample_batch,
 )
 
 try:
@@ -183,6 +186,18 @@ class StepLoggedModule(pl.LightningModule):
         self.last_loss = float(checkpoint.get("drseg", {}).get("last_loss", math.nan))
 
 
+class BatchNumbers(IterableDataset[int]):
+    """first, first + 1, ...: the batch numbers a run draws (from the restored step on a
+    resumed run); the patches themselves are drawn on the device in training_step."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__()
+        self.first = first
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.first)
+
+
 class FinetuneModule(StepLoggedModule):
     """Dice + BCE on the segmentation head, weighted reconstruction loss on the other."""
 
@@ -202,30 +217,26 @@ class FinetuneModule(StepLoggedModule):
         self.model_settings = model_settings
         self.settings = settings
         self.reconstructs = model.reconstruction_head is not None
-
-    def train_dataloader(self) -> DataLoader[Patch]:
-        settings = self.settings
-        sampling = PatchSampling(
+        self.sampling = PatchSampling(
             patch_size=settings.patch_size,
+            batch_size=settings.batch_size,
             foreground_fraction=settings.foreground_fraction,
-            class_probs=class_probabilities(self.data, settings.class_sampling),
+            class_probs=class_probabilities(data, settings.class_sampling),
             reconstruction_input=settings.reconstruction_input if self.reconstructs else "clean",
         )
+        self._resident: ResidentImages | None = None
+        # A compiled function, not a module attribute: checkpoints keep the model's own keys.
+        self._forward = torch.compile(self.model.forward) if settings.compile else self.model
+
+    def train_dataloader(self) -> DataLoader[int]:
         # Called after a checkpoint is restored: the stream continues at the restored step.
-        stream = PatchStream(
-            self.data,
-            sampling,
-            (settings.seed, self.global_rank),
-            self.global_step,
-            settings.batch_size,
-        )
-        return DataLoader(
-            stream,
-            batch_size=settings.batch_size,
-            num_workers=settings.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=settings.num_workers > 0,
-        )
+        return DataLoader(BatchNumbers(self.global_step), batch_size=None)
+
+    def resident(self) -> ResidentImages:
+        """The train split on this module's device, moved there at the first step."""
+        if self._resident is None or self._resident.images.device != self.device:
+            self._resident = resident_images(self.data, self.device, self.settings.patch_size)
+        return self._resident
 
     def configure_optimizers(self) -> Any:
         settings = self.settings
@@ -244,14 +255,15 @@ class FinetuneModule(StepLoggedModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def training_step(self, batch: Patch, batch_idx: int) -> Tensor:
-        image, masks, reconstruction_input = batch
+    def training_step(self, batch: int, batch_idx: int) -> Tensor:
+        generator = batch_generator((self.settings.seed, self.global_rank), batch, self.device)
+        image, masks, reconstruction_input = sample_batch(self.resident(), self.sampling, generator)
         size = image.shape[0]
         corrupted = self.reconstructs and self.settings.reconstruction_input != "clean"
         # One forward pass over the clean patches (segmentation) and, when the reconstruction
         # input is corrupted, their corrupted copies (reconstruction): twice the batch.
         inputs = torch.cat([image, reconstruction_input]) if corrupted else image
-        logits, reconstruction = self.model(inputs.contiguous(memory_format=torch.channels_last))
+        logits, reconstruction = self._forward(inputs.contiguous(memory_format=torch.channels_last))
         parts = multitask_loss(
             logits[:size],
             masks,

@@ -65,7 +65,6 @@ def _settings(uri: str) -> FinetuneSettings:
         warmup_steps=1,
         checkpoint_every=EVERY,
         checkpoint_uri=uri,
-        num_workers=0,
         precision="32-true",
     )
 

@@ -40,7 +40,6 @@ def settings(tmp_path: Path) -> Settings:
             "DRSEG_FINETUNE__BATCH_SIZE": "2",
             "DRSEG_FINETUNE__MAX_STEPS": "2",
             "DRSEG_FINETUNE__WARMUP_STEPS": "1",
-            "DRSEG_FINETUNE__NUM_WORKERS": "0",
             # Two validation photographs: cross-fitting needs at least two folds.
             "DRSEG_INGEST__VAL_FRACTION": "0.5",
             # A 2-step model cannot reach the default gate (merged Dice >= 0.8, class

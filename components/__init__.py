@@ -6,13 +6,17 @@ keys on every setting. Credentials and the tracking server come from the environ
 (Kubernetes Secrets on a cluster), never from parameters.
 """
 
-from drseg import __version__
+from drseg.config import ClusterSettings
 
-RUNTIME_IMAGE = f"ghcr.io/drseg/runtime:{__version__}"
+_DEFAULT = ClusterSettings()
+# The images a component is declared with; the pipeline replaces the registry and tag with
+# cluster.image_registry and cluster.image_tag when it is built (pipelines/training.py).
+
+RUNTIME_IMAGE = _DEFAULT.image("runtime")
 """CPU image with drseg installed (images/runtime.Dockerfile)."""
 
-TRAINER_IMAGE = f"ghcr.io/drseg/trainer:{__version__}"
+TRAINER_IMAGE = _DEFAULT.image("trainer")
 """CUDA PyTorch image with drseg installed (images/trainer.Dockerfile)."""
 
-TENSORRT_IMAGE = f"ghcr.io/drseg/tensorrt:{__version__}"
+TENSORRT_IMAGE = _DEFAULT.image("tensorrt")
 """NVIDIA's TensorRT image with drseg installed (images/tensorrt.Dockerfile)."""

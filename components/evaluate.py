@@ -18,11 +18,13 @@ def evaluate(
 ) -> float:
     """The exported graph scored as served on the validation split (cross-fitted
     thresholds), and @champion's graph on the same photographs; `served` is the graph with
-    the tuned thresholds in its contract. Returns the merged Dice (-1 when undefined)."""
-    import shutil
+    the tuned thresholds in its contract. For the run's page in the KFP UI: per-class
+    metrics in `metrics`, the report with its PR curves and overlays inline in `report`.
+    Returns the merged Dice (-1 when undefined)."""
     from pathlib import Path
 
     from drseg.config import EvaluateSettings, RegistrySettings, load_settings
+    from drseg.evaluate.embedded import embedded_report
     from drseg.steps import evaluate_step
 
     env = load_settings()
@@ -39,6 +41,6 @@ def evaluate(
     )
     for name, value in outcome.metrics.scalars().items():
         metrics.log_metric(name, value)
-    shutil.copyfile(outcome.report, report.path)
+    Path(report.path).write_text(embedded_report(outcome.report))
     merged = outcome.metrics.merged.dice
     return -1.0 if merged is None else merged

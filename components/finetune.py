@@ -31,6 +31,7 @@ def finetune(
         env.home,
         pipeline_run_id,
         pretrained_encoder(Path(encoder.path)),
+        env.storage,
     )
     model.metadata.update({**figures, "dataset_hash": dataset_hash})
     return str(figures["mlflow_run_id"])

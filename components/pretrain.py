@@ -37,6 +37,7 @@ def pretrain(
         settings,
         env.tracking,
         env.home,
+        storage=env.storage,
     )
     encoder.metadata.update({**figures, "pool_hash": pool_hash})
     return str(figures.get("mlflow_run_id", ""))

@@ -246,3 +246,93 @@ def test_unreachable_server_names_the_uri_and_the_fix(
         stage_run(down, tmp_path, "ingest", pipeline_run_id="p-1"),
     ):
         pass
+
+
+# --- the pipeline's exit handler: closing the runs of a failed or cancelled pipeline ------
+
+
+def _left_open(settings: TrackingSettings, home: Path, stage: str, pipeline_run_id: str) -> str:
+    """A stage run whose process died mid-stage (a lost pod): started as stage_run starts
+    it, never ended."""
+    artifacts = (home / "mlartifacts").resolve().as_uri()
+    _, run_id = tracking._start(
+        _client(home), settings.experiment, artifacts, stage, pipeline_run_id, None
+    )
+    return run_id
+
+
+def test_a_failed_pipeline_ends_its_open_runs_failed_and_names_the_step(
+    settings: TrackingSettings, home: Path
+) -> None:
+    ingest = _stage(settings, home, "ingest", pipeline_run_id="p-f")
+    finetune = _left_open(settings, home, "finetune", "p-f")
+    client = _client(home)
+    assert client.get_run(finetune).info.status == "RUNNING"
+
+    ended = tracking.close_pipeline_runs(
+        settings, home, "p-f", "FAILED", "Task exit-handler-1 failed: pod lost"
+    )
+
+    [parent] = _pipeline_runs(client, settings.experiment, "p-f")
+    assert ended == [finetune, parent.info.run_id]
+    assert client.get_run(finetune).info.status == "FAILED"
+    assert client.get_run(ingest.run_id).info.status == "FINISHED"  # it did finish
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[tracking.TAG_FAILED_STEP] == "finetune"
+    assert parent.data.tags[tracking.TAG_PIPELINE_STATE] == "FAILED"
+    assert parent.data.tags[tracking.TAG_PIPELINE_ERROR] == "Task exit-handler-1 failed: pod lost"
+
+
+def test_a_stage_that_raised_is_named_as_the_failed_step(
+    settings: TrackingSettings, home: Path
+) -> None:
+    with pytest.raises(RuntimeError), stage_run(settings, home, "gate", pipeline_run_id="p-g"):
+        raise RuntimeError("metrics.json unreadable")
+    _stage(settings, home, "evaluate", pipeline_run_id="p-g")
+
+    tracking.close_pipeline_runs(settings, home, "p-g", "FAILED")
+
+    [parent] = _pipeline_runs(_client(home), settings.experiment, "p-g")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[tracking.TAG_FAILED_STEP] == "gate"
+    assert tracking.TAG_PIPELINE_ERROR not in parent.data.tags
+
+
+def test_a_cancelled_pipeline_ends_its_open_runs_killed(
+    settings: TrackingSettings, home: Path
+) -> None:
+    finetune = _left_open(settings, home, "finetune", "p-c")
+
+    tracking.close_pipeline_runs(settings, home, "p-c", "CANCELLED")
+
+    client = _client(home)
+    [parent] = _pipeline_runs(client, settings.experiment, "p-c")
+    assert client.get_run(finetune).info.status == "KILLED"
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags[tracking.TAG_PIPELINE_STATE] == "CANCELLED"
+
+
+def test_a_pipeline_that_failed_before_any_stage_run_is_recorded(
+    settings: TrackingSettings, home: Path
+) -> None:
+    """ingest failed: no stage had opened a run, so the exit handler makes the pipeline's."""
+    [parent_id] = tracking.close_pipeline_runs(
+        settings, home, "p-i", "FAILED", "Task ingest failed."
+    )
+
+    [parent] = _pipeline_runs(_client(home), settings.experiment, "p-i")
+    assert parent.info.run_id == parent_id
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[tracking.TAG_FAILED_STEP] == tracking.NO_STAGE_RUN
+
+
+def test_a_succeeded_pipeline_is_left_as_it_is(settings: TrackingSettings, home: Path) -> None:
+    finetune = _stage(settings, home, "finetune", pipeline_run_id="p-s")
+
+    assert tracking.close_pipeline_runs(settings, home, "p-s", "SUCCEEDED") == []
+
+    client = _client(home)
+    [parent] = _pipeline_runs(client, settings.experiment, "p-s")
+    assert parent.info.status == "FINISHED"
+    assert client.get_run(finetune.run_id).info.status == "FINISHED"
+    assert tracking.TAG_FAILED_STEP not in parent.data.tags

@@ -2,7 +2,8 @@
 
 Precedence, lowest first: defaults in this file, the YAML file (``--config`` or
 ``DRSEG_CONFIG``), then environment variables ``DRSEG_<SECTION>__<FIELD>`` (for example
-``DRSEG_INGEST__WORKING_WIDTH=2048``). S3 credentials also fall back to the usual AWS
+``DRSEG_INGEST__WORKING_WIDTH=2048``; deeper settings nest the same way:
+``DRSEG_CLUSTER__STEPS__FINETUNE__GPUS=4``). S3 credentials also fall back to the usual AWS
 variables, so nothing secret needs to live in a file.
 
 An environment value is typed by its field, not guessed from its text:
@@ -16,6 +17,7 @@ when the settings load, not hours into a run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -33,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from drseg import __version__
 from drseg.classes import LESION_CLASSES, LESION_TABLE
 from drseg.errors import UserError
 from drseg.secrets import redact
@@ -146,6 +149,12 @@ class TrainingRunSettings(Section):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     checkpoint_every: int = Field(200, ge=1)
+    checkpoint_uri: str | None = None
+    """Where training also keeps its last checkpoint as it goes (s3://bucket/prefix, or a
+    folder), so a lost pod loses at most checkpoint_every steps: a step run again finds it
+    there and resumes. In the pipeline each run gets its own prefix under it (fine-tuning:
+    /finetune/<pipeline run id>; pretraining: /pretrain/<hash of its inputs>); None: only
+    the local <out>/checkpoints, which a pod takes with it."""
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     """auto: bf16-mixed on GPU, 32-true on CPU."""
     strategy: str = "auto"
@@ -404,6 +413,10 @@ class ServeSettings(Section):
         return self
 
 
+_IMAGE_REGISTRY = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*$"
+)
+_IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -419,6 +432,196 @@ class Toleration(Section):
 
 def _gpu_toleration() -> list[Toleration]:
     return [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+
+
+_CPU = re.compile(r"^([0-9]*[.])?[0-9]+m?$")
+_MEMORY = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")
+_MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_MEMORY_UNITS |= {"E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_MEMORY_UNITS |= {"Pi": 2**50, "Ei": 2**60}
+
+
+def _cpu_cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _memory_bytes(quantity: str) -> int:
+    digits = re.match(r"^[0-9]+", quantity)
+    assert digits is not None  # checked by _MEMORY before
+    return int(digits.group()) * _MEMORY_UNITS[quantity[digits.end() :]]
+
+
+class StepResources(Section):
+    """What one pipeline step asks of the cluster, fixed when the pipeline is compiled
+    (`drseg pipeline compile|submit|schedule`); kfp.local ignores it. Quantities are
+    Kubernetes's: CPU "2" or "500m", memory "8Gi"."""
+
+    cpu_request: str = "1"
+    cpu_limit: str | None = None
+    """None: no CPU limit (a limit throttles a busy step without protecting its neighbours,
+    whom the request already protects)."""
+    memory_request: str = "2Gi"
+    memory_limit: str | None = "4Gi"
+    """Above it the kernel kills the pod (OOMKilled); None: no limit."""
+    retries: int = Field(0, ge=0, le=10)
+    """Extra attempts after a failure, for steps where a transient fault is plausible (an
+    object-store read, a registry write); 0 where a second attempt would give the same
+    answer."""
+    backoff_s: int = Field(30, ge=0)
+    """Wait before the first retry; each later wait is backoff_factor times the previous."""
+    backoff_factor: float = Field(2.0, ge=1.0)
+    timeout_s: int = Field(3600, ge=0)
+    """Deadline of one attempt (the pod's activeDeadlineSeconds); 0: none."""
+
+    @property
+    def retry_window_s(self) -> int:
+        """How long KFP may keep retrying, counted (by Argo) from the FIRST attempt's start:
+        every attempt at its deadline plus every wait, so a long step's retries are not cut
+        off by KFP's one-hour default window."""
+        waits = sum(self.backoff_s * self.backoff_factor**i for i in range(self.retries))
+        return math.ceil((self.retries + 1) * self.timeout_s + waits)
+
+    @field_validator("cpu_request", "cpu_limit")
+    @classmethod
+    def _cpu_quantity(cls, value: str | None) -> str | None:
+        if value is not None and not _CPU.match(value):
+            raise ValueError(
+                f"{value!r} is not a CPU quantity: use cores (2, 0.5) or millicores (500m)"
+            )
+        return value
+
+    @field_validator("memory_request", "memory_limit")
+    @classmethod
+    def _memory_quantity(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY.match(value):
+            raise ValueError(
+                f"{value!r} is not a memory quantity: use a whole number with an optional unit "
+                "(E, P, T, G, M, K or Ei, Pi, Ti, Gi, Mi, Ki), e.g. 8Gi or 512Mi"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _retried_steps_have_a_deadline(self) -> StepResources:
+        if self.retries and not self.timeout_s:
+            raise ValueError(
+                f"retries is {self.retries} but timeout_s is 0: KFP's retry window is counted "
+                "from the first attempt, so a retried step needs a deadline; set timeout_s"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> StepResources:
+        if self.cpu_limit is not None and _cpu_cores(self.cpu_request) > _cpu_cores(self.cpu_limit):
+            raise ValueError(
+                f"cpu_request {self.cpu_request} is above cpu_limit {self.cpu_limit}; "
+                "raise the limit or lower the request"
+            )
+        if self.memory_limit is not None and _memory_bytes(self.memory_request) > _memory_bytes(
+            self.memory_limit
+        ):
+            raise ValueError(
+                f"memory_request {self.memory_request} is above memory_limit "
+                f"{self.memory_limit}; raise the limit or lower the request"
+            )
+        return self
+
+
+class GpuStepResources(StepResources):
+    """A step that runs on GPU nodes (cluster.gpu_node_selector, gpu_tolerations, /dev/shm)."""
+
+    gpus: int = Field(1, ge=1, le=16)
+    """GPUs of one pod; Lightning trains on all of them (DDP)."""
+    accelerator_type: str = "nvidia.com/gpu"
+    """The extended resource the GPUs are counted in (the NVIDIA device plugin's by default)."""
+
+
+_HOURS = 3600
+
+
+class StepsResources(Section):
+    """Per pipeline step: resources, retries and deadline. Both ingests (labelled and pool)
+    share `fingerprint`, `ingest` and `clahe`. The defaults fit IDRiD-sized data at a working
+    width of 1024-2048 px; size them to the data before a larger run."""
+
+    fingerprint: StepResources = StepResources(
+        cpu_request="250m", memory_request="512Mi", memory_limit="1Gi", retries=3, timeout_s=900
+    )
+    """Lists the source (an object-store read: retried)."""
+    ingest: StepResources = StepResources(
+        cpu_request="4", memory_request="8Gi", memory_limit="16Gi", retries=3, timeout_s=4 * _HOURS
+    )
+    """Reads every photograph from the source (object-store reads: retried)."""
+    clahe: StepResources = StepResources(
+        cpu_request="4", memory_request="4Gi", memory_limit="8Gi", timeout_s=2 * _HOURS
+    )
+    pretrain: GpuStepResources = GpuStepResources(
+        cpu_request="8",
+        memory_request="32Gi",
+        memory_limit="64Gi",
+        retries=2,
+        timeout_s=24 * _HOURS,
+    )
+    """Retried: a lost pod (node drained, preempted) is the common failure of an hours-long
+    step."""
+    finetune: GpuStepResources = GpuStepResources(
+        cpu_request="8",
+        memory_request="32Gi",
+        memory_limit="64Gi",
+        retries=2,
+        timeout_s=24 * _HOURS,
+    )
+    export: StepResources = StepResources(
+        cpu_request="2", memory_request="4Gi", memory_limit="8Gi", timeout_s=_HOURS
+    )
+    evaluate: StepResources = StepResources(
+        cpu_request="4", memory_request="8Gi", memory_limit="16Gi", timeout_s=4 * _HOURS
+    )
+    gate: StepResources = StepResources(
+        cpu_request="250m", memory_request="512Mi", memory_limit="1Gi", timeout_s=900
+    )
+    """Never retried: a verdict is not a transient fault."""
+    registration: StepResources = StepResources(
+        cpu_request="1", memory_request="2Gi", memory_limit="4Gi", retries=3, timeout_s=_HOURS
+    )
+    """The register step: a registry write (retried)."""
+    tensorrt: GpuStepResources = GpuStepResources(
+        cpu_request="4", memory_request="16Gi", memory_limit="32Gi", timeout_s=2 * _HOURS
+    )
+    triton_repository: StepResources = StepResources(
+        cpu_request="1", memory_request="2Gi", memory_limit="4Gi", timeout_s=_HOURS
+    )
+    publish: StepResources = StepResources(
+        cpu_request="1", memory_request="2Gi", memory_limit="4Gi", retries=3, timeout_s=_HOURS
+    )
+    """An object-store write (retried; publishing is idempotent)."""
+    close_runs: StepResources = StepResources(
+        cpu_request="250m", memory_request="512Mi", memory_limit="1Gi", retries=3, timeout_s=900
+    )
+    """The exit handler: MLflow writes (retried)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_each_steps_defaults(cls, data: Any) -> Any:
+        """A step given in part keeps the rest of ITS defaults (ingest keeps its retries
+        when only its memory is set), not the generic StepResources ones."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if field is not None and isinstance(value, dict):
+                merged[name] = {**field.get_default().model_dump(), **value}
+        return merged
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_not_retried(cls, value: StepResources) -> StepResources:
+        if value.retries:
+            raise ValueError(
+                f"gate.retries is {value.retries}: the gate's verdict is not a transient "
+                "fault, a retry gives the same answer; set it to 0"
+            )
+        return value
 
 
 class ClusterSettings(Section):
@@ -447,6 +650,38 @@ class ClusterSettings(Section):
     shm_size_gi: int = Field(8, ge=1, le=1024)
     """Memory-backed /dev/shm for GPU steps: DataLoader workers pass batches through it and
     the container runtime's 64 MiB default makes them die with a bus error."""
+    image_registry: str = "ghcr.io/drseg"
+    """Where the step images live: <image_registry>/<runtime|trainer|tensorrt>:<image_tag>
+    (images/, `make images`)."""
+    image_tag: str = __version__
+    """Tag of every step image; the drseg version by default, a digest-pinned tag in
+    production (the image must hold the drseg that compiled the pipeline)."""
+    steps: StepsResources = StepsResources()
+
+    def image(self, name: str) -> str:
+        """The reference of step image `name` (runtime, trainer, tensorrt)."""
+        return f"{self.image_registry}/{name}:{self.image_tag}"
+
+    @field_validator("image_registry")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        if not _IMAGE_REGISTRY.match(value):
+            raise ValueError(
+                f"{value!r} is not an image registry path: give host[:port]/path without a "
+                "tag or trailing '/', e.g. registry.example.org:5000/ml/drseg"
+            )
+        return value
+
+    @field_validator("image_tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        if not _IMAGE_TAG.match(value):
+            raise ValueError(
+                f"{value!r} is not an image tag: up to 128 letters, digits, '_', '.' or '-', "
+                "not starting with '.' or '-'"
+            )
+        return value
+
     s3_secret: str = "drseg-s3"
     """Secret with the S3 credentials for ingest and for MLflow's artifact uploads."""
     s3_secret_env: dict[str, str] = Field(
@@ -640,9 +875,12 @@ def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[tuple[
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
-        section, _, field = key[len(ENV_PREFIX) :].lower().partition("__")
-        overrides.setdefault(section, {})[field] = _env_value(raw)
-        origin[(section, field)] = key
+        *sections, field = key[len(ENV_PREFIX) :].lower().split("__")
+        inner = overrides
+        for section in sections:
+            inner = inner.setdefault(section, {})
+        inner[field] = _env_value(raw)
+        origin[(*sections, field)] = key
     return overrides, origin
 
 
@@ -669,7 +907,11 @@ def _problems(
         if not loc:  # a check across sections: its message names the settings
             problems.append(message)
             continue
-        source = origin.get(loc[:2]) or origin.get(loc[:1]) or fallback
+        # The variable that set this setting, one above it, or (for a check of a whole
+        # group, e.g. a step's retries against its deadline) one inside it.
+        prefixes = [origin[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origin]
+        inside = sorted(name for key, name in origin.items() if key[: len(loc)] == loc)
+        source = ", ".join(prefixes[:1] or inside) or fallback
         where = ".".join((prefix, *loc) if prefix else loc)
         problems.append(f"{where} (from {source}): {message}")
     return "; ".join(problems)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drseg.config import ClusterSettings, Settings
+from drseg.config import ClusterSettings, Settings, StepsResources
 from drseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -54,12 +54,29 @@ def build(
     cluster: ClusterSettings | None = None,
     pretrain_on_labelled: bool = False,
     publish_to_store: bool = True,
+    retry: bool = True,
 ) -> GraphComponent:
     """The training pipeline placed on the cluster `cluster` describes; see build_pipeline
-    for `pretrain_on_labelled` (pretrain.include_labelled) and `publish_to_store`."""
+    for `pretrain_on_labelled` (pretrain.include_labelled) and `publish_to_store`.
+
+    `retry` False drops every step's retries: kfp.local honours retry policies, and a local
+    run (`drseg run`) should fail at once on a bad source, not after minutes of backoff for
+    a fault that is not transient there."""
     from pipelines.training import build_pipeline
 
-    return build_pipeline(cluster or ClusterSettings(), pretrain_on_labelled, publish_to_store)
+    cluster = cluster or ClusterSettings()
+    if not retry:
+        steps = {name: {**step.model_dump(), "retries": 0} for name, step in cluster.steps}
+        cluster = cluster.model_copy(update={"steps": StepsResources.model_validate(steps)})
+    return build_pipeline(cluster, pretrain_on_labelled, publish_to_store)
+
+
+def display_names(pipeline: GraphComponent) -> dict[str, str]:
+    """Task name -> display name across every DAG of the pipeline: kfp names a second use
+    of a component "ingest-2", and the steps sit inside the exit handler's DAG."""
+    spec = pipeline.pipeline_spec
+    dags = [spec.root.dag, *(c.dag for c in spec.components.values() if c.HasField("dag"))]
+    return {name: task.task_info.name for dag in dags for name, task in dag.tasks.items()}
 
 
 def compile_pipeline(

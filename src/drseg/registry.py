@@ -383,6 +383,26 @@ def _create_version(
         )
 
 
+def version_of_pipeline_run(
+    client: MlflowClient | str, name: str, pipeline_run_id: str
+) -> str | None:
+    """The version of `name` that pipeline run `pipeline_run_id` registered, if any, with
+    @challenger pointed at it again if a failure came between the two: what a retried
+    register step (KFP retries registry writes) returns instead of a second version."""
+    client = _client(client)
+    query = f"name = '{name}' and tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}'"
+    found = client.search_model_versions(query)
+    if not found:
+        return None
+    number = str(min(int(version.version) for version in found))
+    model = client.get_registered_model(name)
+    previous = _aliases(model).get(CHALLENGER)
+    if previous != number:
+        client.set_registered_model_alias(name, CHALLENGER, number)
+        _record(client, model, "register", [(CHALLENGER, previous, number)], None)
+    return number
+
+
 def linked_model_id(version: ModelVersion) -> str | None:
     """The logged model a version was registered from: its model_id where the store keeps
     one, else the id in its models:/<model id> source; None for a version made otherwise."""

@@ -116,7 +116,7 @@ def run_pipeline(
     """
     from kfp import local
 
-    from drseg.pipeline import build, pipeline_arguments
+    from drseg.pipeline import build, display_names, pipeline_arguments
 
     if source is not None:
         pipeline_arguments(settings, source, pool)  # refuse a bad request before any work
@@ -160,9 +160,10 @@ def run_pipeline(
     )
     summary: dict[str, Any] = {"run": run.name, "source": source, "steps": steps}
     error = None
-    training = build(settings.cluster, settings.pretrain.include_labelled, publish_to_store=False)
-    tasks = training.pipeline_spec.root.dag.tasks
-    display = {name: task.task_info.name for name, task in tasks.items()}
+    training = build(
+        settings.cluster, settings.pretrain.include_labelled, publish_to_store=False, retry=False
+    )
+    display = display_names(training)
     with _captured(run / "pipeline.log", verbose, display) as log:
         try:
             training(**pipeline_arguments(settings, source, pool))

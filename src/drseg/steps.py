@@ -23,6 +23,7 @@ from drseg.config import (
     PretrainSettings,
     RegistrySettings,
     ServeSettings,
+    StorageSettings,
     TrackingSettings,
 )
 from drseg.evaluate.schema import METRICS_FILE, Metrics
@@ -83,13 +84,15 @@ def pretrain_step(
     tracking: TrackingSettings,
     home: Path,
     pipeline_run_id: str | None = None,
+    storage: StorageSettings | None = None,
 ) -> dict[str, Any]:
     """SimCLR on the pool (and the labelled train split), tracked; writes <out>/encoder.pt.
 
     With pretraining off it writes only the SKIPPED marker, so fine-tuning starts from
     random weights and the pipeline keeps one shape. Without a pipeline run id (in the
     pipeline, where the step is cached across runs) the MLflow run is grouped under
-    "pretrain-<hash of its inputs and settings>", the runs that made the same encoder.
+    "pretrain-<hash of its inputs and settings>", the runs that made the same encoder,
+    and its checkpoints (pretrain.checkpoint_uri, through `storage`) under the same name.
     """
     from drseg.data.dataset import content_hash, load_manifest
 
@@ -99,6 +102,7 @@ def pretrain_step(
         return {"skipped": True, "reason": "pretrain.enabled is false: random initialisation"}
 
     from drseg.tracking import stage_run
+    from drseg.train import checkpoint_store
     from drseg.train.pretrain import pretrain
 
     inputs = [*pool_dirs, *([labelled_dir] if labelled_dir and settings.include_labelled else [])]
@@ -106,6 +110,7 @@ def pretrain_step(
     if pipeline_run_id is None:
         key = content_hash([dataset_hash, model.encoder, settings.model_dump_json()])
         pipeline_run_id = f"pretrain-{key[:16]}"
+    settings = checkpoint_store.for_run(settings, f"pretrain/{pipeline_run_id}")
     with stage_run(
         tracking,
         home,
@@ -114,7 +119,9 @@ def pretrain_step(
         dataset_hash=dataset_hash,
         config={"model": model, "pretrain": settings},
     ) as run:
-        result = pretrain(pool_dirs, out_dir, model, settings, run.metric_logger(), labelled_dir)
+        result = pretrain(
+            pool_dirs, out_dir, model, settings, run.metric_logger(), labelled_dir, storage
+        )
         figures = _training_figures(result, run)
     return {
         **figures,
@@ -134,17 +141,22 @@ def finetune_step(
     home: Path,
     pipeline_run_id: str,
     encoder: Path | None = None,
+    storage: StorageSettings | None = None,
 ) -> dict[str, Any]:
     """Train, track, and write the model folder; returns the figures for the summary.
 
     `encoder`: encoder weights to start from (the pretrain stage's); None: random weights.
+    Checkpoints also go to <finetune.checkpoint_uri>/finetune/<pipeline run id> (through
+    `storage`), where a retry of this pipeline run's step resumes from them.
     """
     from drseg.data.dataset import load_manifest, sha256
     from drseg.tracking import stage_run
+    from drseg.train import checkpoint_store
     from drseg.train.finetune import finetune
 
     dataset_hash = load_manifest(dataset_dir).dataset_hash
     encoder_init = "random" if encoder is None else sha256(Path(encoder).read_bytes())
+    settings = checkpoint_store.for_run(settings, f"finetune/{pipeline_run_id}")
     config = {"model": model, "finetune": settings, "encoder_init": encoder_init}
     with stage_run(
         tracking,
@@ -154,7 +166,9 @@ def finetune_step(
         dataset_hash=dataset_hash,
         config=config,
     ) as run:
-        result = finetune(dataset_dir, model_dir, model, settings, run.metric_logger(), encoder)
+        result = finetune(
+            dataset_dir, model_dir, model, settings, run.metric_logger(), encoder, storage
+        )
         card = ModelCard(model, settings, dataset_hash, result.steps, encoder_init)
         atomic.write_text(Path(model_dir) / MODEL_CARD, card.to_json())
         figures = _training_figures(result, run)
@@ -369,9 +383,9 @@ def register_step(
 ) -> dict[str, Any]:
     """A new registry version (alias @challenger) from the served ONNX file (the graph the
     gate scored, with its thresholds) and the weights, tagged with lineage, metrics and the
-    gate's verdict."""
+    gate's verdict. Once per pipeline run: a retried step returns the version it made."""
     from drseg.gate import GateVerdict
-    from drseg.registry import register_model
+    from drseg.registry import register_model, version_of_pipeline_run
     from drseg.tracking import git_commit, stage_run, tracking_uri
 
     if not tracking.enabled:
@@ -389,8 +403,10 @@ def register_step(
         dataset_hash=card.dataset_hash,
         config=registry,
     ) as run:
-        version = register_model(
-            tracking_uri(tracking, home),
+        uri = tracking_uri(tracking, home)
+        version = version_of_pipeline_run(uri, registry.model_name, pipeline_run_id)
+        version = version or register_model(
+            uri,
             registry.model_name,
             Path(served_dir) / ONNX_FILE,
             Path(model_dir) / WEIGHTS_FILE,

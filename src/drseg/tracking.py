@@ -37,6 +37,14 @@ TAG_STAGE = "drseg.stage"
 TAG_PIPELINE_RUN_ID = "drseg.pipeline_run_id"
 TAG_DATASET_HASH = "drseg.dataset_hash"
 TAG_GIT_COMMIT = "drseg.git_commit"
+TAG_PIPELINE_STATE = "drseg.pipeline_state"
+TAG_FAILED_STEP = "drseg.failed_step"
+TAG_PIPELINE_ERROR = "drseg.pipeline_error"
+CANCELLED_STATES = frozenset({"CANCELLED", "CANCELED", "CANCELLING", "CANCELING"})
+"""KFP's final states of a cancelled run (the API and the SDK spell it both ways)."""
+OPEN_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
+NO_STAGE_RUN = "a step without an MLflow run (fingerprint, ingest, clahe, export, tensorrt, "
+NO_STAGE_RUN += "triton-repository, publish): see the KFP run's graph"
 SERVER_SCHEMES = ("http", "https")
 """Tracking URIs of an MLflow server: the server, not this process, picks where artifacts go."""
 
@@ -262,6 +270,41 @@ def _end(client: MlflowClient, parent_id: str, run_id: str, status: str) -> None
     client.set_terminated(parent_id, "FAILED" if parent_failed else status)
 
 
+def _check_pipeline_run_id(pipeline_run_id: str) -> None:
+    if not pipeline_run_id or "'" in pipeline_run_id:
+        raise ValueError(
+            f"pipeline_run_id {pipeline_run_id!r} cannot tag an MLflow run: pass a non-empty "
+            "id without quotes (the pipeline's run id)"
+        )
+
+
+def _artifact_location(uri: str, home: Path) -> str | None:
+    """With a database URI, artifacts go to <home>/mlartifacts; a server picks its own."""
+    if urlparse(uri).scheme in SERVER_SCHEMES:
+        return None
+    home.mkdir(parents=True, exist_ok=True)
+    return (home / "mlartifacts").resolve().as_uri()
+
+
+@contextmanager
+def _refused_as_tracking_error(uri: str, what: str) -> Iterator[None]:
+    """Unreachable or refusing: the message, not the chained traceback, whose frames and
+    driver errors may print the URI with its credentials."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, OSError, ImportError, SQLAlchemyError) as exc:
+        reason = exc.message if isinstance(exc, MlflowException) else f"{exc}"
+        raise TrackingError(
+            redact(
+                f"MLflow at {uri} could not {what}: {reason}; check tracking.uri "
+                "(DRSEG_TRACKING__URI) or set tracking.enabled to false"
+            )
+        ) from None
+
+
 @contextmanager
 def stage_run(
     settings: TrackingSettings,
@@ -284,38 +327,19 @@ def stage_run(
         return
     try:
         from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-        from sqlalchemy.exc import SQLAlchemyError
     except ImportError as exc:
         _say_tracking_off(f"mlflow cannot be imported: {exc}")
         yield NullRun()
         return
-    if not pipeline_run_id or "'" in pipeline_run_id:
-        raise ValueError(
-            f"pipeline_run_id {pipeline_run_id!r} cannot tag an MLflow run: pass a non-empty "
-            "id without quotes (the pipeline's run id)"
-        )
+    _check_pipeline_run_id(pipeline_run_id)
 
     uri = tracking_uri(settings, home)
-    artifact_location = None
-    if urlparse(uri).scheme not in SERVER_SCHEMES:
-        home.mkdir(parents=True, exist_ok=True)
-        artifact_location = (home / "mlartifacts").resolve().as_uri()
-    try:
+    artifact_location = _artifact_location(uri, home)
+    with _refused_as_tracking_error(uri, f"start the run of stage {stage!r}"):
         client = MlflowClient(tracking_uri=uri)
         parent_id, run_id = _start(
             client, settings.experiment, artifact_location, stage, pipeline_run_id, dataset_hash
         )
-    except (MlflowException, OSError, ImportError, SQLAlchemyError) as exc:
-        # Unreachable or refusing: the message, not the chained traceback, whose frames and
-        # driver errors may print the URI with its credentials.
-        reason = exc.message if isinstance(exc, MlflowException) else f"{exc}"
-        raise TrackingError(
-            redact(
-                f"MLflow at {uri} could not start the run of stage {stage!r}: {reason}; "
-                "check tracking.uri (DRSEG_TRACKING__URI) or set tracking.enabled to false"
-            )
-        ) from None
 
     run = StageRun(client, run_id)
     try:
@@ -326,3 +350,62 @@ def stage_run(
         _end(client, parent_id, run_id, "FAILED")
         raise
     _end(client, parent_id, run_id, "FINISHED")
+
+
+def close_pipeline_runs(
+    settings: TrackingSettings,
+    home: Path,
+    pipeline_run_id: str,
+    state: str,
+    error_message: str | None = None,
+) -> list[str]:
+    """What the pipeline's exit handler does once every step has ended: after a failure or
+    a cancellation, end the pipeline run's MLflow runs that are still open (a killed pod
+    never ends its own) as FAILED, or KILLED when cancelled, end the pipeline's own run so
+    too, and tag it with the KFP state, the step(s) that failed and the error. A pipeline
+    that failed before any stage run (e.g. in ingest) gets its run here, so the failure is
+    in MLflow too. After success nothing changes. Returns the ids of the runs it ended.
+
+    Which step failed comes from MLflow (a stage run that ended FAILED or was left open):
+    KFP tells the exit handler only the state of the whole pipeline.
+    """
+    if state == "SUCCEEDED":
+        return []
+    if not settings.enabled:
+        _say_tracking_off("tracking.enabled is false")
+        return []
+    try:
+        from mlflow import MlflowClient
+    except ImportError as exc:
+        _say_tracking_off(f"mlflow cannot be imported: {exc}")
+        return []
+    _check_pipeline_run_id(pipeline_run_id)
+    status = "KILLED" if state.upper() in CANCELLED_STATES else "FAILED"
+    uri = tracking_uri(settings, home)
+    with _refused_as_tracking_error(uri, f"close the runs of pipeline run {pipeline_run_id}"):
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment_id(client, settings.experiment, _artifact_location(uri, home))
+        parent_id = _parent_run_id(client, experiment_id, pipeline_run_id)
+        stages = client.search_runs(
+            [experiment_id],
+            f"tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' and tags.`{TAG_KIND}` = 'stage'",
+        )
+        ended: list[str] = []
+        failed: list[str] = []
+        for run in sorted(stages, key=lambda run: run.info.start_time):
+            if run.info.status in OPEN_STATUSES:
+                client.set_terminated(run.info.run_id, status)
+                ended.append(str(run.info.run_id))
+            if run.info.status in OPEN_STATUSES | {"FAILED"}:
+                failed.append(run.data.tags.get(TAG_STAGE, run.info.run_id))
+        tags = {
+            TAG_PIPELINE_STATE: state,
+            TAG_FAILED_STEP: ", ".join(failed) or NO_STAGE_RUN,
+        }
+        if error_message:
+            from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+            tags[TAG_PIPELINE_ERROR] = _clip(redact(error_message), MAX_TAG_VAL_LENGTH)
+        StageRun(client, parent_id).set_tags(tags)
+        client.set_terminated(parent_id, status)
+    return [*ended, parent_id]

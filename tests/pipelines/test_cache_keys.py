@@ -1,10 +1,11 @@
 """Which steps a retraining run takes from KFP's cache, read off the compiled pipeline.
 
-No KFP backend runs here (kfp.local has no cache), so `cache_keys` computes each top-level
-task's key the way the KFP v2 driver does (backend/src/v2/cacheutils/cache.go): the task's
-component, its input parameter values, and the names of its input artifacts. An artifact
-keeps its name only when its producer was itself taken from the cache; an uncached producer
-makes a new artifact, so a new name, every run. Uncached tasks' outputs are what they
+No KFP backend runs here (kfp.local has no cache), so `cache_keys` computes the key of each
+task of the pipeline's body (the exit handler's DAG) the way the KFP v2 driver does
+(backend/src/v2/cacheutils/cache.go): the task's component, its input parameter values,
+and the names of its input artifacts. An artifact keeps its name only when its producer
+was itself taken from the cache; an uncached producer makes a new artifact, so a new name,
+every run. Uncached tasks' outputs are what they
 compute: here only the fingerprint's listing hash matters, given per source.
 """
 
@@ -31,14 +32,15 @@ def _hash(payload: Any) -> str:
 def cache_keys(
     spec: dict[str, Any], run: str, arguments: dict[str, str], listings: dict[str, str]
 ) -> dict[str, str | None]:
-    """Display name -> cache key of each cached top-level task (None where not cached).
+    """Display name -> cache key of each task of the body (None where not cached).
 
     `listings` maps a source to its content (what the fingerprint step reads).
     """
     root = spec["root"]
     params = {k: v.get("defaultValue") for k, v in root["inputDefinitions"]["parameters"].items()}
     params |= arguments
-    tasks = {k: v for k, v in root["dag"]["tasks"].items() if "componentRef" in v}
+    body = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    tasks = {k: v for k, v in body.items() if "componentRef" in v}
     keys: dict[str, str | None] = {}
     outputs: dict[str, dict[str, str]] = {}
     artifacts: dict[str, str] = {}
@@ -57,7 +59,11 @@ def cache_keys(
             values = {}
             for param, source in inputs.get("parameters", {}).items():
                 if "componentInputParameter" in source:
-                    values[param] = params[source["componentInputParameter"]]
+                    # The body sees the pipeline's parameters as "pipelinechannel--<name>".
+                    name_in_root = source["componentInputParameter"].removeprefix(
+                        "pipelinechannel--"
+                    )
+                    values[param] = params[name_in_root]
                 elif "taskOutputParameter" in source:
                     ref = source["taskOutputParameter"]
                     values[param] = outputs[ref["producerTask"]][ref["outputParameterKey"]]

@@ -24,12 +24,12 @@ CHECKED_IN = Path(__file__).parents[2] / "pipelines" / "compiled" / "training.ya
 GPU_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-tensorrt"}
 STORAGE_EXECUTORS = {"exec-ingest", "exec-ingest-2", "exec-fingerprint", "exec-fingerprint-2"}
 TRACKING_EXECUTORS = {"exec-pretrain", "exec-finetune", "exec-evaluate", "exec-gate"}
-TRACKING_EXECUTORS |= {"exec-register"}
+TRACKING_EXECUTORS |= {"exec-register", "exec-close-runs"}
 CACHED = {"ingest", "ingest-2", "clahe", "clahe-2", "pretrain"}
 """Steps keyed on the content of their data (see pipelines/training.py, test_cache_keys.py)."""
 NOT_CACHED = {"fingerprint", "fingerprint-2", "finetune", "evaluate", "gate", "export"}
 NOT_CACHED |= {"register"}
-NOT_CACHED |= {"tensorrt", "triton-repository", "publish"}
+NOT_CACHED |= {"tensorrt", "triton-repository", "publish", "close-runs"}
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +50,6 @@ def test_checked_in_yaml_is_current(tmp_path: Path) -> None:
         "pipelines/compiled/training.yaml is out of date with the pipeline code: run "
         "`drseg pipeline compile` and commit the result"
     )
-
-
-def test_gpu_stages_request_a_gpu(documents: list[dict[str, Any]]) -> None:
-    executors = documents[0]["deploymentSpec"]["executors"]
-    for name, executor in executors.items():
-        accelerator = executor["container"].get("resources", {}).get("accelerator")
-        if name in GPU_EXECUTORS:
-            assert accelerator["resourceType"] == "nvidia.com/gpu", name
-            assert accelerator["resourceCount"] == "1", name
-        else:
-            assert accelerator is None, f"{name} is a CPU step but asks for a GPU"
 
 
 def test_gpu_stages_land_on_gpu_nodes_with_shm(documents: list[dict[str, Any]]) -> None:
@@ -128,9 +117,8 @@ def test_caching_flags(documents: list[dict[str, Any]]) -> None:
     """Only the source listing always runs; pretraining takes no per-run parameter (no
     pipeline run id) and, by default, not the labelled data, so an unchanged pool reuses
     its encoder."""
-    tasks = dict(documents[0]["root"]["dag"]["tasks"])
-    tasks |= documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]
-    assert set(tasks) == CACHED | NOT_CACHED | {"condition-1"}
+    tasks = _tasks(documents)
+    assert set(tasks) == CACHED | NOT_CACHED | {"condition-2", "exit-handler-1"}
     for name in CACHED:
         assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
     pretrain_inputs = tasks["pretrain"]["inputs"]["parameters"]
@@ -144,7 +132,7 @@ def test_caching_flags(documents: list[dict[str, Any]]) -> None:
 def test_a_passing_run_publishes_the_version_it_registered(documents: list[dict[str, Any]]) -> None:
     """On a cluster the run ends by publishing its Triton repository where the Rollout reads
     it; a local run (kfp.local) serves its own and builds the DAG without the step."""
-    publish = documents[0]["components"]["comp-condition-1"]["dag"]["tasks"]["publish"]
+    publish = _tasks(documents)["publish"]
     inputs = publish["inputs"]
     assert inputs["artifacts"]["repository"]["taskOutputArtifact"] == {
         "outputArtifactKey": "repository",
@@ -154,7 +142,24 @@ def test_a_passing_run_publishes_the_version_it_registered(documents: list[dict[
     assert "rollout_config" in documents[0]["root"]["inputDefinitions"]["parameters"]
     assert "exec-publish" in _platform(documents)  # the S3 Secret, for the object store
     local = build(ClusterSettings(), publish_to_store=False)
-    assert "publish" not in local.pipeline_spec.components["comp-condition-1"].dag.tasks
+    assert "publish" not in local.pipeline_spec.components["comp-condition-2"].dag.tasks
+
+
+def test_an_exit_handler_closes_the_mlflow_runs_whatever_the_outcome(
+    documents: list[dict[str, Any]],
+) -> None:
+    """Every step runs inside the exit handler's DAG; the exit task runs after it whatever
+    its outcome, with its final status and this run's id (the id its MLflow runs carry)."""
+    root = documents[0]["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "close-runs"}
+    body = documents[0]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"ingest", "finetune", "evaluate", "gate", "condition-2"} <= set(body)
+    closing = root["close-runs"]
+    assert closing["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    inputs = closing["inputs"]["parameters"]
+    assert inputs["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert inputs["pipeline_run_id"] == body["finetune"]["inputs"]["parameters"]["pipeline_run_id"]
+    assert closing["componentRef"]["name"] == "comp-close-runs"
 
 
 def test_cluster_settings_change_the_compiled_placement(tmp_path: Path) -> None:
@@ -177,6 +182,183 @@ def test_cluster_settings_change_the_compiled_placement(tmp_path: Path) -> None:
     ]
     assert config["emptyDirMounts"][0]["sizeLimit"] == "32Gi"
     assert {ref["secretName"] for ref in platform["exec-ingest"]["secretAsEnv"]} == {"team-s3"}
+
+
+STEP_OF_EXECUTOR = {
+    "exec-fingerprint": "fingerprint",
+    "exec-fingerprint-2": "fingerprint",
+    "exec-ingest": "ingest",
+    "exec-ingest-2": "ingest",
+    "exec-clahe": "clahe",
+    "exec-clahe-2": "clahe",
+    "exec-pretrain": "pretrain",
+    "exec-finetune": "finetune",
+    "exec-export": "export",
+    "exec-evaluate": "evaluate",
+    "exec-gate": "gate",
+    "exec-register": "registration",
+    "exec-tensorrt": "tensorrt",
+    "exec-triton-repository": "triton_repository",
+    "exec-publish": "publish",
+    "exec-close-runs": "close_runs",
+}
+"""Every step's executor and its entry in cluster.steps."""
+IMAGE_OF_EXECUTOR = {name: "runtime" for name in STEP_OF_EXECUTOR}
+IMAGE_OF_EXECUTOR |= {
+    "exec-pretrain": "trainer",
+    "exec-finetune": "trainer",
+    "exec-export": "trainer",
+}
+IMAGE_OF_EXECUTOR |= {"exec-tensorrt": "tensorrt"}
+
+
+def _tasks(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every task: the root's (the exit handler and its body), the body's, the gate's branch."""
+    components = documents[0]["components"]
+    tasks = dict(documents[0]["root"]["dag"]["tasks"])
+    tasks |= components["comp-exit-handler-1"]["dag"]["tasks"]
+    tasks |= components["comp-condition-2"]["dag"]["tasks"]
+    return tasks
+
+
+def _executor_of_task(documents: list[dict[str, Any]]) -> dict[str, str]:
+    components = documents[0]["components"]
+    return {
+        name: components[task["componentRef"]["name"]]["executorLabel"]
+        for name, task in _tasks(documents).items()
+        if "executorLabel" in components[task["componentRef"]["name"]]
+    }
+
+
+def _assert_steps_placed_as(documents: list[dict[str, Any]], cluster: ClusterSettings) -> None:
+    """Each executor's image, CPU, memory, GPUs and deadline, and each task's retries, are
+    exactly what `cluster` says for its step."""
+    executors = documents[0]["deploymentSpec"]["executors"]
+    assert set(executors) == set(STEP_OF_EXECUTOR)
+    platform = _platform(documents)
+    for name, executor in executors.items():
+        step = getattr(cluster.steps, STEP_OF_EXECUTOR[name])
+        container = executor["container"]
+        assert container["image"] == cluster.image(IMAGE_OF_EXECUTOR[name]), name
+        resources = container["resources"]
+        assert resources["resourceCpuRequest"] == step.cpu_request, name
+        assert resources.get("resourceCpuLimit") == step.cpu_limit, name
+        assert resources["resourceMemoryRequest"] == step.memory_request, name
+        assert resources.get("resourceMemoryLimit") == step.memory_limit, name
+        accelerator = resources.get("accelerator")
+        if name in GPU_EXECUTORS:
+            assert accelerator["resourceType"] == step.accelerator_type, name
+            assert accelerator["resourceCount"] == str(step.gpus), name
+        else:
+            assert accelerator is None, f"{name} is a CPU step but asks for a GPU"
+        assert platform[name]["activeDeadlineSeconds"] == str(step.timeout_s), name
+    for task, executor_name in _executor_of_task(documents).items():
+        step = getattr(cluster.steps, STEP_OF_EXECUTOR[executor_name])
+        policy = _tasks(documents)[task].get("retryPolicy")
+        if step.retries:
+            assert policy == {
+                "maxRetryCount": step.retries,
+                "backoffDuration": f"{step.backoff_s}s",
+                "backoffFactor": step.backoff_factor,
+                "backoffMaxDuration": f"{step.retry_window_s}s",
+            }, task
+        else:
+            assert policy is None, f"{task} must not be retried"
+
+
+def test_every_step_is_sized_retried_and_timed_by_its_settings(
+    documents: list[dict[str, Any]],
+) -> None:
+    _assert_steps_placed_as(documents, ClusterSettings())
+
+
+def test_retried_where_a_transient_fault_is_plausible_and_never_the_gate(
+    documents: list[dict[str, Any]],
+) -> None:
+    """Object-store reads (fingerprint, ingest), registry and store writes (register,
+    publish), and the hours-long training steps whose pod may be lost; a verdict is not
+    retried, and a retry window covers every attempt at its deadline (KFP's default window
+    is one hour, counted from the first attempt)."""
+    retried = {name for name, task in _tasks(documents).items() if "retryPolicy" in task}
+    assert retried == {
+        "fingerprint",
+        "fingerprint-2",
+        "ingest",
+        "ingest-2",
+        "pretrain",
+        "finetune",
+        "register",
+        "publish",
+        "close-runs",
+    }
+    finetune = _tasks(documents)["finetune"]["retryPolicy"]
+    assert int(finetune["backoffMaxDuration"].removesuffix("s")) > 3 * 24 * 3600
+    # `drseg run` (kfp.local, which honours retry policies) builds without them: a bad
+    # local source fails at once.
+    local = build(ClusterSettings(), publish_to_store=False, retry=False).pipeline_spec
+    dags = [local.root.dag, *(c.dag for c in local.components.values() if c.HasField("dag"))]
+    assert not [name for dag in dags for name, t in dag.tasks.items() if t.HasField("retry_policy")]
+    assert len(dags) == 3  # root, the exit handler's body, the gate's branch
+    with pytest.raises(ValueError, match="gate's verdict is not a transient fault"):
+        ClusterSettings.model_validate({"steps": {"gate": {"retries": 1}}})
+
+
+def test_changed_step_settings_change_the_compiled_spec(tmp_path: Path) -> None:
+    """Through the environment as a cluster operator would set them; a step given in part
+    keeps the rest of its own defaults (ingest stays retried)."""
+    settings = load_settings(
+        environ={
+            "DRSEG_CLUSTER__IMAGE_REGISTRY": "registry.example.org:5000/ml/drseg",
+            "DRSEG_CLUSTER__IMAGE_TAG": "2026.11.30-abc123",
+            "DRSEG_CLUSTER__STEPS__FINETUNE__GPUS": "4",
+            "DRSEG_CLUSTER__STEPS__FINETUNE__ACCELERATOR_TYPE": "amd.com/gpu",
+            "DRSEG_CLUSTER__STEPS__FINETUNE__TIMEOUT_S": "7200",
+            "DRSEG_CLUSTER__STEPS__INGEST__MEMORY_LIMIT": "48Gi",
+            "DRSEG_CLUSTER__STEPS__INGEST__CPU_LIMIT": "6",
+            "DRSEG_CLUSTER__STEPS__EVALUATE__RETRIES": "1",
+            "DRSEG_CLUSTER__STEPS__PUBLISH__RETRIES": "0",
+        }
+    )
+    cluster = settings.cluster
+    assert cluster.steps.ingest.retries == 3
+    documents = list(yaml.safe_load_all(compile_pipeline(tmp_path / "t.yaml", cluster).read_text()))
+    _assert_steps_placed_as(documents, cluster)
+    executors = documents[0]["deploymentSpec"]["executors"]
+    assert executors["exec-finetune"]["container"]["image"] == (
+        "registry.example.org:5000/ml/drseg/trainer:2026.11.30-abc123"
+    )
+    assert (
+        executors["exec-finetune"]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
+    )
+    assert _platform(documents)["exec-finetune"]["activeDeadlineSeconds"] == "7200"
+    assert "retryPolicy" in _tasks(documents)["evaluate"]
+    assert "retryPolicy" not in _tasks(documents)["publish"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "problem"),
+    [
+        ({"ingest": {"cpu_request": "2 cores"}}, "not a CPU quantity"),
+        ({"ingest": {"memory_limit": "1.5Gi"}}, "not a memory quantity"),
+        ({"finetune": {"memory_request": "128Gi"}}, "above memory_limit 64Gi"),
+        ({"clahe": {"cpu_request": "4", "cpu_limit": "500m"}}, "above cpu_limit"),
+        ({"ingest": {"timeout_s": 0}}, "needs a deadline"),
+        ({"tensorrt": {"gpus": 0}}, "greater than or equal to 1"),
+        ({"nightly": {}}, "Extra inputs"),
+    ],
+)
+def test_step_settings_are_checked_when_loaded(steps: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        ClusterSettings.model_validate({"steps": steps})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("image_registry", "ghcr.io/drseg/"), ("image_registry", "GHCR.io"), ("image_tag", "v1 ")],
+)
+def test_image_settings_are_checked_when_loaded(field: str, value: str) -> None:
+    with pytest.raises(ValueError, match="not an image"):
+        ClusterSettings.model_validate({field: value})
 
 
 def test_cluster_settings_refuse_bad_secret_names() -> None:

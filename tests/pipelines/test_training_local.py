@@ -13,6 +13,7 @@ from drseg.errors import UserError
 from drseg.evaluate.schema import Metrics
 from drseg.pipeline import pipeline_arguments
 from drseg.run import _TaskLog, format_run_summary, run_pipeline
+from drseg.tracking import NO_STAGE_RUN
 from tests.ports import free_ports
 
 
@@ -39,7 +40,6 @@ def settings(tmp_path: Path) -> Settings:
             "DRSEG_FINETUNE__BATCH_SIZE": "2",
             "DRSEG_FINETUNE__MAX_STEPS": "2",
             "DRSEG_FINETUNE__WARMUP_STEPS": "1",
-            "DRSEG_FINETUNE__NUM_WORKERS": "0",
             # Two validation photographs: cross-fitting needs at least two folds.
             "DRSEG_INGEST__VAL_FRACTION": "0.5",
             # A 2-step model cannot reach the default gate (merged Dice >= 0.8, class
@@ -81,6 +81,7 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
             "register",
             "tensorrt",
             "triton-repository",
+            "close-runs",
             "serve",
         )
     }
@@ -125,7 +126,13 @@ def test_run_synthetic_pipeline_writes_summary_and_datasets(
     assert metrics.dataset_hash == ingested.dataset_hash  # the photographs predict is sent
     assert evaluated["Output"] == (-1.0 if metrics.merged.dice is None else metrics.merged.dice)
     assert (evaluation / "no_champion.txt").read_text() == "drseg-lesions has no @champion yet\n"
-    assert "| MA |" in Path(evaluated["report"]["path"]).read_text()
+    # The run's page in the KFP UI: the report with its images inline (no relative links,
+    # which the UI cannot follow), and the per-class numbers as KFP metrics.
+    shown = Path(evaluated["report"]["path"]).read_text()
+    assert "| MA |" in shown and ".png)" not in shown
+    assert "data:image/png;base64," in shown and "data:image/jpeg;base64," in shown
+    assert evaluated["metrics"]["metadata"] == metrics.scalars()
+    assert {"MA.aupr", "HE.aupr", "EX.aupr"} <= set(metrics.scalars())
     # What was registered and served is the graph the gate scored, with the shipped
     # thresholds in its contract.
     served_graph = repository / "drseg" / "1" / "model.onnx"
@@ -193,6 +200,18 @@ def test_failed_step_is_recorded_not_raised(settings: Settings, tmp_path: Path) 
     assert ("ingest", "failure") in [(s["name"], s["status"]) for s in summary["steps"]]
     assert "ingest" in summary["error"]
     assert "only 0 valid records" in (run / "pipeline.log").read_text()
+    # The exit handler ran (kfp.local runs dsl.ExitHandler with the final status) and, no
+    # stage having opened an MLflow run yet, recorded the failed pipeline in one of its own.
+    assert ("close-runs", "success") in [(s["name"], s["status"]) for s in summary["steps"]]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{settings.home.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(settings.tracking.experiment)
+    assert experiment is not None
+    [pipeline] = client.search_runs([experiment.experiment_id], "tags.`drseg.kind` = 'pipeline'")
+    assert pipeline.info.status == "FAILED"
+    assert pipeline.data.tags["drseg.pipeline_state"] == "FAILED"
+    assert pipeline.data.tags["drseg.failed_step"] == NO_STAGE_RUN
 
 
 def test_a_source_without_a_pool_needs_pretraining_off(settings: Settings) -> None:

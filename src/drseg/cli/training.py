@@ -26,6 +26,7 @@ def _pretrain(args: argparse.Namespace, settings: Settings) -> None:
         settings.tracking,
         settings.home,
         pipeline_run_id(),
+        settings.storage,
     )
     print(
         f"{figures['steps']} steps, final loss {figures['final_loss']:.4f}, "
@@ -45,6 +46,7 @@ def _finetune(args: argparse.Namespace, settings: Settings) -> None:
         settings.home,
         pipeline_run_id(),
         None if args.encoder is None else pretrained_encoder(args.encoder),
+        settings.storage,
     )
     print(
         f"{figures['steps']} steps, final loss {figures['final_loss']:.4f}, "

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from drseg import atomic
 from drseg.artifacts import WEIGHTS_FILE
-from drseg.config import FinetuneSettings, ModelSettings, TrainingRunSettings
+from drseg.config import FinetuneSettings, ModelSettings, StorageSettings, TrainingRunSettings
 from drseg.models.unet import (
     MultiTaskUNet,
     build_model,
@@ -38,6 +38,7 @@ from drseg.models.unet import (
     read_weights_file,
     state_mismatch,
 )
+from drseg.train.checkpoint_store import RemoteCheckpoint, UploadingCheckpointIO
 from drseg.train.losses import multitask_loss
 from drseg.train.patches import (
     PatchSampling,
@@ -303,15 +304,24 @@ def fit_resumable(
     out_dir: Path,
     settings: TrainingRunSettings,
     sync_batchnorm: bool = False,
+    storage: StorageSettings | None = None,
 ) -> pl.Trainer:
     """Fit `module` to settings.max_steps, resuming from <out>/checkpoints/last.ckpt when
     there is one; checkpoints every settings.checkpoint_every steps and at the end.
+    With settings.checkpoint_uri, each checkpoint is also put there (through `storage`'s
+    credentials for s3://), and a run without a local one resumes from it.
 
     Shared by fine-tuning and pretraining, so both resume, refuse foreign checkpoints and
     finish the same way.
     """
     checkpoints = Path(out_dir) / "checkpoints"
     last = checkpoints / LAST_CHECKPOINT
+    uploading = None
+    if settings.checkpoint_uri is not None:
+        remote = RemoteCheckpoint(settings.checkpoint_uri, storage)
+        if not last.is_file() and remote.fetch(last):
+            pl.utilities.rank_zero_info(f"fetched the last checkpoint from {remote.uri}")
+        uploading = UploadingCheckpointIO(remote, LAST_CHECKPOINT)
     trainer = pl.Trainer(
         max_steps=settings.max_steps,
         precision=resolve_precision(settings.precision),  # type: ignore[arg-type]
@@ -323,6 +333,7 @@ def fit_resumable(
         enable_progress_bar=True,
         enable_model_summary=False,
         default_root_dir=out_dir,
+        plugins=uploading,
         callbacks=[
             pl.callbacks.ModelCheckpoint(
                 dirpath=checkpoints,
@@ -352,11 +363,13 @@ def finetune(
     settings: FinetuneSettings,
     log_metrics: MetricsLogger | None = None,
     encoder: Path | None = None,
+    storage: StorageSettings | None = None,
 ) -> FinetuneResult:
     """Train (or resume training) and write <out>/checkpoints/last.ckpt and <out>/model.pt.
 
     `encoder` is an encoder weights file (the pretrain stage's) to start from; None starts
     from random weights. A resumed run takes its weights from the checkpoint instead.
+    `storage`: credentials for settings.checkpoint_uri (fit_resumable).
     """
     _check_lengths(model, settings)
     out_dir = Path(out_dir)
@@ -367,7 +380,7 @@ def finetune(
     module = FinetuneModule(
         network, load_train_split(dataset_dir, model.classes), model, settings, log_metrics
     )
-    trainer = fit_resumable(module, out_dir, settings)
+    trainer = fit_resumable(module, out_dir, settings, storage=storage)
     weights = out_dir / WEIGHTS_FILE
     if trainer.is_global_zero:
         buffer = io.BytesIO()

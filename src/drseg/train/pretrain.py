@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from drseg.artifacts import ENCODER_FILE
-from drseg.config import ModelSettings, PretrainSettings
+from drseg.config import ModelSettings, PretrainSettings, StorageSettings
 from drseg.data import dataset
 from drseg.models.unet import build_model, save_encoder
 from drseg.train.finetune import (
@@ -206,12 +206,14 @@ def pretrain(
     settings: PretrainSettings,
     log_metrics: MetricsLogger | None = None,
     labelled_dir: Path | None = None,
+    storage: StorageSettings | None = None,
 ) -> PretrainResult:
     """Train (or resume training) SimCLR and write <out>/encoder.pt.
 
     `dataset_dirs`: unlabelled pools, every record used. `labelled_dir`: a labelled dataset
     whose train split joins them when settings.include_labelled (never its val split, the
-    evaluation data). Checkpoints go to <out>/checkpoints; the same call resumes from them.
+    evaluation data). Checkpoints go to <out>/checkpoints (and settings.checkpoint_uri, with
+    `storage`'s credentials); the same call resumes from them.
     """
     check_crop_size(settings.crop_size)
     photographs, hashes = pretrain_photographs(
@@ -221,7 +223,7 @@ def pretrain(
     pl.seed_everything(settings.seed, verbose=False)
     network = build_model(model)
     module = SimCLRModule(network.encoder, photographs, settings, log_metrics)
-    trainer = fit_resumable(module, out_dir, settings, sync_batchnorm=True)
+    trainer = fit_resumable(module, out_dir, settings, sync_batchnorm=True, storage=storage)
     encoder = out_dir / ENCODER_FILE
     if trainer.is_global_zero:
         meta = {

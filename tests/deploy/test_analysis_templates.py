@@ -146,12 +146,15 @@ def _condition(expression: str, result: list[float]) -> bool:
     return bool(eval(python, {"__builtins__": {"len": len}}, {"result": result}))
 
 
-def measure(prometheus: Prometheus, template_name: str, canary: str) -> tuple[bool, list[float]]:
+def measure(
+    prometheus: Prometheus, template_name: str, canary: str, window: str = ARGS["window"]
+) -> tuple[bool, list[float]]:
     """One measurement of the template's metric for the canary whose pod-template hash is
-    `canary`: (successCondition, result)."""
+    `canary` over `window`: (successCondition, result)."""
     template = find("base", "AnalysisTemplate", template_name)
     values = {a["name"]: a.get("value") for a in template["spec"]["args"]}
     values.update({k: v for k, v in ARGS.items() if k in values}, **{"canary-hash": canary})
+    values["window"] = window
     (metric,) = template["spec"]["metrics"]
 
     def fill(text: str) -> str:
@@ -247,20 +250,26 @@ def test_a_slow_canary_fails_on_latency(canaries: Scenario) -> None:
 def test_a_restarted_canary_does_not_pass_on_the_reset(tmp_path: Path) -> None:
     """Half its requests fail, then the server restarts on the same address (a container
     restart: same pod, counters back to 0) and serves healthy traffic. Its counters now read
-    0 failures, but the window still holds the failures from before the restart."""
+    0 failures, but the window still holds the failures from before the restart: it is
+    sized to the scenario's own duration, which a loaded machine stretches."""
     flaky = {"restarted": _failing()}
     ports = free_ports(3)
     target = f"127.0.0.1:{ports[2]}"
     with running_prometheus(tmp_path, [scrape_config(target)]) as prometheus:
         with toy_triton(flaky, ports) as triton:
             prometheus.wait_for(f'up{{job="{target}"}} == 1')
+            started = time.monotonic()
             assert send(triton.http_url, "restarted", 40) == 10
             _counted(prometheus, "restarted", 40)
         with toy_triton({"restarted": _healthy}, ports) as triton:
-            assert send(triton.http_url, "restarted", 40) == 0
             selector = '{rollouts_pod_template_hash="restarted"}'
+            # The reset is visible only once Prometheus has scraped the restarted counters
+            # below their old values; traffic before that scrape would hide it.
+            prometheus.wait_for(f"sum(nv_inference_request_success{selector}) == 0")
+            assert send(triton.http_url, "restarted", 40) == 0
             prometheus.wait_for(f"sum(nv_inference_request_success{selector}) == 40")
             assert prometheus.query(f"sum(nv_inference_request_failure{selector})") == [0.0]
-            ok, (rate,) = measure(prometheus, "triton-success-rate", "restarted")
+            window = f"{int(time.monotonic() - started) + int(ARGS['window'][:-1])}s"
+            ok, (rate,) = measure(prometheus, "triton-success-rate", "restarted", window)
             assert not ok
             assert rate == pytest.approx(70 / 80, abs=0.05)

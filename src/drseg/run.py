@@ -270,9 +270,13 @@ def _run_stages(
         source_dir = run / "source"
         started = time.monotonic()
         view.started("synth")
-        write_synthetic_dataset(source_dir, synth.n, synth.seed, synth.width, synth.layout)
+        write_synthetic_dataset(
+            source_dir, synth.n, synth.seed, synth.width, synth.layout, progress=False
+        )
         # The pool: other photographs (seed + 1), their masks left out of the tree.
-        write_synthetic_dataset(run / "pool", synth.pool_n, synth.seed + 1, synth.width)
+        write_synthetic_dataset(
+            run / "pool", synth.pool_n, synth.seed + 1, synth.width, progress=False
+        )
         source, pool = str(source_dir), str(run / "pool" / "images")
         seconds = time.monotonic() - started
         view.finished("synth", "success", seconds)

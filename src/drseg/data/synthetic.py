@@ -564,8 +564,10 @@ def write_synthetic_dataset(
     seed: int,
     width: int = 1024,
     layout: Literal["idrid", "generic"] = "generic",
+    progress: bool = True,
 ) -> list[str]:
-    """Writes n photographs, returns their ids.
+    """Writes n photographs, returns their ids; `progress`: a progress bar on a terminal
+    (off where the caller shows its own, as `drseg run`'s live table does).
 
     Photograph i depends only on (seed, i, width), so a larger n extends a smaller one. A mask
     file is written only for the classes present in a photograph, as in IDRiD.
@@ -577,7 +579,8 @@ def write_synthetic_dataset(
     out = Path(out)
     ids: list[str] = []
     digits = max(2, len(str(n))) if layout == "idrid" else max(4, len(str(n - 1)))
-    for i in tqdm(range(n), desc=f"synthetic {layout}", unit="photo", disable=None):
+    disable = None if progress else True  # tqdm's None: shown on a terminal only
+    for i in tqdm(range(n), desc=f"synthetic {layout}", unit="photo", disable=disable):
         photo = synth_photograph(np.random.default_rng([seed, i]), width)
         bgr = cv2.cvtColor(photo.image, cv2.COLOR_RGB2BGR)
         present = [c for c in SYNTH_CLASSES if photo.masks[c].any()]

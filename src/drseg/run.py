@@ -121,9 +121,9 @@ class LiveTable:
             style = {"running": "yellow", "success": "green"}.get(row.status, "red")
             cells: list[Any] = [name, f"[{style}]{row.status}[/]", f"{seconds:7.1f} s"]
             if row.total:
-                left = "" if row.left is None else max(0.0, row.left - (now - row.said))
                 note = f"step {row.step}/{row.total}"
-                if row.status == "running" and left != "":
+                if row.status == "running" and row.left is not None:
+                    left = max(0.0, row.left - (now - row.said))
                     note += f", about {left:.0f} s left"
                 cells += [ProgressBar(total=row.total, completed=row.step, width=20), note]
             table.add_row(*cells)
@@ -151,7 +151,8 @@ class _TaskLog(io.TextIOBase):
     display: dict[str, str]
     """Task name -> display name (kfp names a second use of a component "ingest-2")."""
     view: StageView | None = None
-    """Where stage events go; default: plain lines on `terminal`. None with verbose."""
+    """Where stage events go (default: plain lines on `terminal`); unused with verbose,
+    where the terminal gets every task's own output instead."""
     statuses: dict[str, str] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)

@@ -1,8 +1,10 @@
 """`drseg run`: the training pipeline on this machine, through kfp.local.
 
 The same compiled DAG as on a cluster; kfp.local runs each component as a subprocess of
-this Python. Task logs go to ``<run>/pipeline.log``; the terminal gets one line per task
-and the summary, which is also written to ``<run>/summary.json``.
+this Python. Task logs go to ``<run>/pipeline.log``. A terminal shows the run as one live
+table (each stage's status and seconds, a progress bar with the time left while training);
+anything else (a pipe, a file, CI) gets one plain line per stage event. Then the summary,
+also written to ``<run>/summary.json`` with each stage's seconds and the run's wall time.
 """
 
 from __future__ import annotations
@@ -30,24 +32,136 @@ from drseg.secrets import redact
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '([\w-]+)'")
 _TASK_END = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
-_PROGRESS = re.compile(r"step \d+/\d+: .*")
+_PROGRESS = re.compile(r"step (\d+)/(\d+): .*?(?:about (\d+) s left)?$")
 """A training stage's progress line (drseg.train.finetune.PROGRESS_LINES)."""
+
+
+class PlainLines:
+    """The run as plain lines, one per stage event: for pipes, files, CI and `kubectl logs`,
+    where a redrawn display would be a mess of control characters."""
+
+    def __init__(self, terminal: TextIO) -> None:
+        self.terminal = terminal
+
+    def started(self, stage: str) -> None:
+        self._line(f"  {stage:<12} running ...")
+
+    def progress(self, stage: str, step: int, total: int, left: float | None, line: str) -> None:
+        self._line(f"  {stage:<12} {line}")
+
+    def finished(self, stage: str, status: str, seconds: float) -> None:
+        self._line(f"  {stage:<12} {status} in {seconds:.1f} s")
+
+    def close(self) -> None:
+        pass
+
+    def _line(self, text: str) -> None:
+        self.terminal.write(text + "\n")
+        self.terminal.flush()
+
+
+@dataclass
+class _Stage:
+    status: str = "running"
+    started: float = field(default_factory=time.monotonic)
+    seconds: float | None = None
+    step: int = 0
+    total: int = 0
+    left: float | None = None
+    """Seconds left, as the stage last said, at `said`."""
+    said: float = 0.0
+
+
+class LiveTable:
+    """The run as one live table on a terminal: each stage's status and seconds (ticking
+    while it runs), and for the training stages a progress bar with the time left."""
+
+    def __init__(self, terminal: TextIO) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.stages: dict[str, _Stage] = {}
+        # stdout is the task log's tee while the run goes on: the table draws on `terminal`
+        # itself. Warnings on stderr are printed above the table, not through it.
+        self.live = Live(
+            console=Console(file=terminal),
+            get_renderable=self._table,
+            refresh_per_second=4,
+            redirect_stdout=False,
+            redirect_stderr=True,
+        )
+        self.live.start()
+
+    def started(self, stage: str) -> None:
+        self.stages[stage] = _Stage()
+
+    def progress(self, stage: str, step: int, total: int, left: float | None, line: str) -> None:
+        row = self.stages.setdefault(stage, _Stage())
+        row.step, row.total, row.left, row.said = step, total, left, time.monotonic()
+
+    def finished(self, stage: str, status: str, seconds: float) -> None:
+        row = self.stages.setdefault(stage, _Stage())
+        row.status, row.seconds = status, seconds
+        if status == "success" and row.total:
+            row.step = row.total
+
+    def close(self) -> None:
+        self.live.stop()
+
+    def _table(self) -> Any:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        table = Table(box=None, show_header=False, padding=(0, 1))
+        for justify in ("left", "left", "right", "left", "left"):
+            table.add_column(justify=justify, no_wrap=True)
+        now = time.monotonic()
+        for name, row in list(self.stages.items()):
+            seconds = now - row.started if row.seconds is None else row.seconds
+            style = {"running": "yellow", "success": "green"}.get(row.status, "red")
+            cells: list[Any] = [name, f"[{style}]{row.status}[/]", f"{seconds:7.1f} s"]
+            if row.total:
+                note = f"step {row.step}/{row.total}"
+                if row.status == "running" and row.left is not None:
+                    left = max(0.0, row.left - (now - row.said))
+                    note += f", about {left:.0f} s left"
+                cells += [ProgressBar(total=row.total, completed=row.step, width=20), note]
+            table.add_row(*cells)
+        return table
+
+
+StageView = PlainLines | LiveTable
+
+
+def stage_view(terminal: TextIO, verbose: bool) -> StageView:
+    """A live table on a terminal; plain lines elsewhere, and with --verbose, whose stream
+    of task output a redrawn table would fight."""
+    if terminal.isatty() and not verbose:
+        return LiveTable(terminal)
+    return PlainLines(terminal)
 
 
 @dataclass
 class _TaskLog(io.TextIOBase):
-    """Everything to the log file; only task start/end lines to the terminal."""
+    """Everything to the log file; task starts, ends and training progress to the view."""
 
     log: TextIO
     terminal: TextIO
     verbose: bool
     display: dict[str, str]
     """Task name -> display name (kfp names a second use of a component "ingest-2")."""
+    view: StageView | None = None
+    """Where stage events go (default: plain lines on `terminal`); unused with verbose,
+    where the terminal gets every task's own output instead."""
     statuses: dict[str, str] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     _pending: str = ""
     _running: str = ""
+
+    def __post_init__(self) -> None:
+        if self.view is None and not self.verbose:
+            self.view = PlainLines(self.terminal)
 
     def write(self, text: str) -> int:
         shown = redact(text)  # a task's traceback may print a URI with its credentials
@@ -61,20 +175,21 @@ class _TaskLog(io.TextIOBase):
         return len(text)
 
     def _parse(self, line: str) -> None:
+        view = None if self.verbose else self.view
         if match := _TASK_START.search(line):
             self.started[match[1]] = time.monotonic()
             self._running = self.display.get(match[1], match[1])
-            if not self.verbose:
-                self.terminal.write(f"  {self._running:<12} running ...\n")
-        elif (match := _PROGRESS.search(line)) and not self.verbose:
-            self.terminal.write(f"  {self._running:<12} {match[0]}\n")
+            if view:
+                view.started(self._running)
+        elif (match := _PROGRESS.search(line)) and view:
+            left = None if match[3] is None else float(match[3])
+            view.progress(self._running, int(match[1]), int(match[2]), left, match[0])
         elif match := _TASK_END.search(line):
             name, status = match[1], match[2].lower()
             self.statuses[name] = status
             self.seconds[name] = time.monotonic() - self.started.get(name, time.monotonic())
-            if not self.verbose:
-                shown = self.display.get(name, name)
-                self.terminal.write(f"  {shown:<12} {status} in {self.seconds[name]:.1f} s\n")
+            if view:
+                view.finished(self.display.get(name, name), status, self.seconds[name])
         self.terminal.flush()
 
     def flush(self) -> None:
@@ -83,9 +198,11 @@ class _TaskLog(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _captured(log_path: Path, verbose: bool, display: dict[str, str]) -> Iterator[_TaskLog]:
+def _captured(
+    log_path: Path, verbose: bool, display: dict[str, str], view: StageView
+) -> Iterator[_TaskLog]:
     with log_path.open("w") as log:
-        tee = _TaskLog(log, sys.stdout, verbose, display)
+        tee = _TaskLog(log, sys.stdout, verbose, display, view)
         with contextlib.redirect_stdout(tee):
             yield tee
 
@@ -114,9 +231,7 @@ def run_pipeline(
 
     Without a source, synthetic photographs are made for it and for the pool.
     """
-    from kfp import local
-
-    from drseg.pipeline import build, display_names, pipeline_arguments
+    from drseg.pipeline import pipeline_arguments
 
     if source is not None:
         pipeline_arguments(settings, source, pool)  # refuse a bad request before any work
@@ -125,20 +240,52 @@ def run_pipeline(
     os.environ["DRSEG_HOME"] = str(home)
     run = paths.new_run_dir(home)
     print(f"run folder: {run}")
+    started = time.monotonic()
+    view = stage_view(sys.stdout, verbose)
+    try:
+        summary = _run_stages(settings, run, source, pool, verbose, view)
+    finally:
+        view.close()
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    atomic.write_text(run / paths.SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return run
+
+
+def _run_stages(
+    settings: Settings,
+    run: Path,
+    source: str | None,
+    pool: str | None,
+    verbose: bool,
+    view: StageView,
+) -> dict[str, Any]:
+    """Synthetic data when no source is given, the pipeline through kfp.local, then the
+    repository served and queried; returns the run's summary."""
+    from kfp import local
+
+    from drseg.pipeline import build, display_names, pipeline_arguments
+
     steps: list[dict[str, Any]] = []
     if source is None:
         synth = settings.synth
         source_dir = run / "source"
         started = time.monotonic()
-        write_synthetic_dataset(source_dir, synth.n, synth.seed, synth.width, synth.layout)
+        view.started("synth")
+        write_synthetic_dataset(
+            source_dir, synth.n, synth.seed, synth.width, synth.layout, progress=False
+        )
         # The pool: other photographs (seed + 1), their masks left out of the tree.
-        write_synthetic_dataset(run / "pool", synth.pool_n, synth.seed + 1, synth.width)
+        write_synthetic_dataset(
+            run / "pool", synth.pool_n, synth.seed + 1, synth.width, progress=False
+        )
         source, pool = str(source_dir), str(run / "pool" / "images")
+        seconds = time.monotonic() - started
+        view.finished("synth", "success", seconds)
         steps.append(
             {
                 "name": "synth",
                 "status": "success",
-                "seconds": round(time.monotonic() - started, 1),
+                "seconds": round(seconds, 1),
                 "outputs": {
                     "photographs": synth.n,
                     "path": source,
@@ -164,7 +311,7 @@ def run_pipeline(
         settings.cluster, settings.pretrain.include_labelled, publish_to_store=False, retry=False
     )
     display = display_names(training)
-    with _captured(run / "pipeline.log", verbose, display) as log:
+    with _captured(run / "pipeline.log", verbose, display, view) as log:
         try:
             training(**pipeline_arguments(settings, source, pool))
         except Exception as exc:
@@ -185,7 +332,7 @@ def run_pipeline(
     repository = outputs.get("triton-repository", {}).get("repository", {}).get("path")
     if not error and repository and engine["served_format"] == "onnx":
         # The pipeline ends at the model repository; here it is also served and queried.
-        print(f"  {'serve':<12} running ...")
+        view.started("serve")
         started = time.monotonic()
         dataset_dir = Path(outputs["ingest"]["dataset"]["path"])
         try:
@@ -193,7 +340,7 @@ def run_pipeline(
         except Exception as exc:
             error, served = f"serve: {exc}", {}
         status, seconds = "failed" if error else "success", time.monotonic() - started
-        print(f"  {'serve':<12} {status} in {seconds:.1f} s")
+        view.finished("serve", status, seconds)
         steps.append(
             {"name": "serve", "status": status, "seconds": round(seconds, 1), "outputs": served}
         )
@@ -206,8 +353,7 @@ def run_pipeline(
         summary["status"] = "gated"
         summary["reason"] = f"evaluation gate {verdict['summary']}; nothing was registered"
     summary["log"] = str(run / "pipeline.log")
-    atomic.write_text(run / paths.SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return run
+    return summary
 
 
 DEMO_PHOTOGRAPHS = 3
@@ -284,6 +430,8 @@ def format_run_summary(summary: dict[str, Any], run: Path) -> str:
     lines = [f"\npipeline {summary['status']}  ({run})", ""]
     for step in summary["steps"]:
         lines.append(f"  {step['name']:<10} {step['status']:<9} {step['seconds']:>7.1f} s")
+    if "seconds" in summary:
+        lines.append(f"  {'all':<10} {'':<9} {summary['seconds']:>7.1f} s (wall)")
     ingest = next((s for s in summary["steps"] if s["name"] == "ingest"), None)
     if ingest and "dataset" in ingest["outputs"]:
         lines += ["", "ingest", format_summary(ingest["outputs"]["dataset"]["metadata"])]
@@ -313,10 +461,34 @@ def format_run_summary(summary: dict[str, Any], run: Path) -> str:
         for name, value in step["outputs"].items():
             if isinstance(value, dict) and "path" in value:
                 lines.append(f"  {step['name']}.{name}: {value['path']}")
+    lines += _where_to_look(evaluate, summary.get("served", {}))
     if "error" in summary:
         lines += ["", f"error: {summary['error']}", f"full log: {summary['log']}"]
     lines.append(f"\nsummary: {run / paths.SUMMARY}")
     return "\n".join(lines)
+
+
+def _where_to_look(evaluate: dict[str, Any] | None, served: dict[str, Any]) -> list[str]:
+    """The pictures a person opens first: the evaluation's overlays and report, and the
+    served model's predictions."""
+    from drseg.evaluate.report import OVERLAYS_DIR, REPORT_FILE
+    from drseg.serving.client import OVERLAY_FILE
+
+    lines = []
+    evaluation = (evaluate or {}).get("outputs", {}).get("evaluation", {}).get("path")
+    if evaluation and (Path(evaluation) / OVERLAYS_DIR).is_dir():
+        lines.append(
+            f"  overlays     {Path(evaluation) / OVERLAYS_DIR}  (photograph | prediction filled, "
+            "ground truth outlined; class colours in the legend underneath)"
+        )
+    if evaluation:
+        lines.append(f"  report       {Path(evaluation) / REPORT_FILE}")
+    if served.get("predictions"):
+        lines.append(
+            f"  predictions  {served['predictions']}  (per photograph: {OVERLAY_FILE}, "
+            "mask_<class>.png, lesions.json)"
+        )
+    return ["", "look at:", *lines] if lines else []
 
 
 def latest_repository(home: Path) -> Path:

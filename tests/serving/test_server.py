@@ -26,6 +26,7 @@ from drseg.data import dataset
 from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
 from drseg.data.synthetic import write_synthetic_dataset
+from drseg.legend import LEGEND_HEIGHT
 from drseg.models.normalize import image_to_tensor
 from drseg.serving.client import (
     OVERLAY_FILE,
@@ -104,7 +105,7 @@ def test_predict_writes_masks_overlay_and_lesion_summary(
             assert summary["classes"][cls]["threshold"] == contract.thresholds[cls]
         assert summary["classes"] == result.classes
         overlay = cv2.imread(str(result.folder / OVERLAY_FILE))
-        assert overlay.shape == (height, width, 3)
+        assert overlay.shape == (height + LEGEND_HEIGHT, width, 3)  # legend underneath
         assert result.infer_seconds <= result.total_seconds
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

@@ -12,9 +12,9 @@ import numpy as np
 from drseg import atomic
 from drseg.classes import CLASS_COLOURS, OTHER_COLOUR
 from drseg.evaluate.metrics import IDRID_BEST_AUPR, PixelCurves
+from drseg.legend import with_legend
 
 _FILL_ALPHA = 0.45
-_LEGEND_HEIGHT = 28
 
 
 def plot_pr_curves(curves: PixelCurves, path: Path) -> None:
@@ -59,19 +59,6 @@ def plot_pr_curves(curves: PixelCurves, path: Path) -> None:
     atomic.write_bytes(path, buffer.getvalue())
 
 
-def _legend(width: int, classes: tuple[str, ...]) -> np.ndarray:
-    strip = np.full((_LEGEND_HEIGHT, width, 3), 255, np.uint8)
-    x = 6
-    for cls in classes:
-        cv2.rectangle(strip, (x, 7), (x + 14, 21), CLASS_COLOURS.get(cls, OTHER_COLOUR), -1)
-        cv2.rectangle(strip, (x, 7), (x + 14, 21), (0, 0, 0), 1)
-        cv2.putText(strip, cls, (x + 18, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-        x += 60
-    note = "outline: ground truth, fill: prediction"
-    cv2.putText(strip, note, (x + 6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-    return strip
-
-
 def draw_overlay(
     image_rgb: np.ndarray,
     truth: np.ndarray,
@@ -99,7 +86,7 @@ def draw_overlay(
         )
         cv2.drawContours(overlay_u8, contours, -1, CLASS_COLOURS.get(cls, OTHER_COLOUR), thickness)
     pair = np.concatenate([image_rgb, overlay_u8], axis=1)
-    picture = np.concatenate([pair, _legend(pair.shape[1], classes)], axis=0)
+    picture = with_legend(pair, classes, "outline: ground truth, fill: prediction")
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")

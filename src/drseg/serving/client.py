@@ -27,9 +27,9 @@ field of view (evaluation scores only the field of view).
 
 Outputs per photograph, at the working size, in ``<out_dir>/<photograph stem>/`` (built
 under a temporary name, renamed when complete): ``overlay.png`` (lesions filled in class
-colours), ``mask_<class>.png`` (0/255) and ``lesions.json`` (lesion pixels, share of the
-field of view and connected components per class; ``source_pixels_per_pixel`` converts
-areas to the photograph's own resolution).
+colours, their legend underneath), ``mask_<class>.png`` (0/255) and ``lesions.json``
+(lesion pixels, share of the field of view and connected components per class;
+``source_pixels_per_pixel`` converts areas to the photograph's own resolution).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from drseg.config import IngestSettings
 from drseg.contract import ServingContract, pad_to_multiple, read_contract
 from drseg.data import dataset
 from drseg.data.validation import Rejected, decode_image, read_header
+from drseg.legend import with_legend
 from drseg.preprocess import clahe, fov_mask, resize_image, working_size
 
 Protocol = Literal["http", "grpc"]
@@ -150,12 +151,14 @@ def lesion_summary(
 
 
 def overlay(rgb: Image, masks: Masks, classes: Sequence[str]) -> Image:
-    """The photograph with each class's lesions filled in its translucent colour."""
+    """The photograph with each class's lesions filled in its translucent colour, and the
+    legend of the colours underneath (LEGEND_HEIGHT more rows)."""
     picture = rgb.astype(np.float32)
     for cls, mask in zip(classes, masks, strict=True):
         colour = np.array(CLASS_COLOURS.get(cls, OTHER_COLOUR), np.float32)
         picture[mask] = (1 - OVERLAY_ALPHA) * picture[mask] + OVERLAY_ALPHA * colour
-    return np.asarray(picture.round().astype(np.uint8))
+    filled = np.asarray(picture.round().astype(np.uint8))
+    return with_legend(filled, tuple(classes), "fill: predicted lesion")
 
 
 class ServerUnreachable(RuntimeError):

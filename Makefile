@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/drseg --config configs/local.yaml run
 
+# One worker per core, each file on one worker (its module fixtures built once).
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 test-fast: setup
 	$(BIN)/pytest -m "not integration"

@@ -21,7 +21,8 @@ from drseg.config import ClaheSettings, IngestSettings
 from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
 from drseg.data.synthetic import write_synthetic_dataset
-from drseg.train.finetune import finetune, load_trained_model
+from drseg.models.unet import load_trained_model
+from drseg.train.finetune import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*: the test's recipe
 from tests.train.test_finetune import MODEL, SETTINGS, training_dice

@@ -64,8 +64,9 @@ from drseg.data.enhance import clahe_dataset
 from drseg.data.ingest import ingest
 from drseg.data.synthetic import write_synthetic_dataset
 from drseg.evaluate.served import ServedGraph
+from drseg.models.unet import load_trained_model
 from drseg.steps import evaluate_step, export_step, finetune_step
-from drseg.train.finetune import LOG_EVERY, finetune, load_trained_model
+from drseg.train.finetune import LOG_EVERY, finetune
 from drseg.train.pretrain import pretrain
 from pretrain_throughput import plain_loop as pretrain_plain_loop
 from train_throughput import plain_loop as finetune_plain_loop

@@ -46,7 +46,8 @@ from drseg.data.ingest import ingest
 from drseg.evaluate.report import evaluate_dataset
 from drseg.evaluate.tiling import predict_probabilities
 from drseg.models.normalize import image_to_tensor
-from drseg.train.finetune import finetune, load_trained_model
+from drseg.models.unet import load_trained_model
+from drseg.train.finetune import finetune
 
 ARMS = ("base", "base-seed1", "simclr", "no-recon", "no-clahe")
 

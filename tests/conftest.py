@@ -9,6 +9,12 @@ import pytest
 
 from drseg.data.synthetic import write_synthetic_dataset
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: each computes on one thread (set
+    # before torch loads, and inherited by the subprocesses it starts), or two workers of a
+    # thread per core each would oversubscribe the cores many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 IDRID = Path(os.environ.get("DRSEG_IDRID_DIR", REPO.parent / "shared" / "data" / "idrid"))
 

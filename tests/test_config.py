@@ -140,6 +140,10 @@ def test_a_misspelt_variable_is_refused_by_name() -> None:
             r"= 256\); use at most 256",
         ),
         ({"DRSEG_MODEL__CLASSES": "[]"}, r"model\.classes .*non-empty list of unique names"),
+        (
+            {"DRSEG_MODEL__DECODER_CHANNELS": "[64, 32, 16, 8]"},
+            r"model\.decoder_channels .*give five positive widths",
+        ),
     ],
 )
 def test_settings_that_cannot_work_are_refused_at_load_with_the_fix(

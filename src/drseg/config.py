@@ -131,6 +131,10 @@ class SynthSettings(Section):
 class ModelSettings(Section):
     encoder: str = "resnet34"
     """Any segmentation-models-pytorch encoder; built with encoder_weights=None (no downloads)."""
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    """Width of the U-Net's five decoder stages, deepest first (smp's default). A narrower
+    decoder is the CPU profile's miniature: most of a step's time on a CPU is the decoder's
+    full-resolution convolutions."""
     classes: tuple[str, ...] = LESION_CLASSES
     reconstruction_weight: float = Field(0.1, ge=0.0)
     """Weight of the reconstruction loss; 0 turns the reconstruction head off."""
@@ -139,6 +143,13 @@ class ModelSettings(Section):
     @classmethod
     def _upper_unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return _upper_unique(value)
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _five_positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) != 5 or min(value) < 1:
+            raise ValueError(f"give five positive widths, deepest stage first; got {value}")
+        return value
 
 
 class TrainingRunSettings(Section):

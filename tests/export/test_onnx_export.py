@@ -26,7 +26,7 @@ from drseg.export.onnx_export import (
     with_thresholds,
 )
 from drseg.models.normalize import IMAGE_MEAN, IMAGE_STD
-from drseg.train.finetune import load_trained_model
+from drseg.models.unet import load_trained_model
 from tests.export import (
     CLAHE,
     INGEST,

@@ -39,6 +39,21 @@ def test_reconstruction_weight_zero_turns_the_head_off() -> None:
     assert build_model(ModelSettings(encoder="resnet18")).reconstruction_head is not None
 
 
+def test_the_decoder_is_as_wide_as_set() -> None:
+    settings = ModelSettings(encoder="resnet18", decoder_channels=(64, 32, 16, 16, 8))
+    model = build_model(settings).eval()
+    assert model.unet.segmentation_head[0].in_channels == 8
+    assert model.reconstruction_head is not None
+    assert model.reconstruction_head[0].in_channels == 8
+    default = build_model(ModelSettings(encoder="resnet18"))
+    assert default.unet.segmentation_head[0].in_channels == 16
+    narrow = sum(p.numel() for p in model.unet.decoder.parameters())
+    assert narrow < sum(p.numel() for p in default.unet.decoder.parameters()) / 4
+    with torch.no_grad():
+        logits, _ = model(torch.randn(1, 3, 64, 96))
+    assert logits.shape == (1, 4, 64, 96)
+
+
 def test_encoder_round_trip(model: MultiTaskUNet, tmp_path: Path) -> None:
     path = tmp_path / "encoder.pt"
     save_encoder(model, path, {"epochs": 3, "dataset_hash": "abc"})

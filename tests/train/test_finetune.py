@@ -24,14 +24,13 @@ import torch
 
 from drseg.config import FinetuneSettings, ModelSettings
 from drseg.models.normalize import image_to_tensor
-from drseg.models.unet import build_model
+from drseg.models.unet import build_model, load_trained_model
 from drseg.train import finetune as finetune_module
 from drseg.train.finetune import (
     FinetuneResult,
     cpu_has_bf16_units,
     finetune,
     learning_rate_factor,
-    load_trained_model,
     resolve_precision,
 )
 from drseg.train.patches import load_train_split

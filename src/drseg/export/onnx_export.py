@@ -235,7 +235,7 @@ def export_onnx(
     its first photograph joins the random inputs of the parity check.
     """
     from drseg.models.normalize import IMAGE_MEAN, IMAGE_STD
-    from drseg.train.finetune import load_trained_model
+    from drseg.models.unet import load_trained_model
 
     model_dir, out_path = Path(model_dir), Path(out_path)
     card = ModelCard.read(model_dir)

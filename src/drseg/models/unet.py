@@ -36,11 +36,20 @@ class MultiTaskUNet(torch.nn.Module):
     """Segmentation logits (one channel per lesion class) and an optional RGB reconstruction."""
 
     def __init__(
-        self, encoder: str = "resnet34", num_classes: int = 4, reconstruction: bool = True
+        self,
+        encoder: str = "resnet34",
+        num_classes: int = 4,
+        reconstruction: bool = True,
+        decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16),
     ) -> None:
         super().__init__()
         self.encoder_name = encoder
-        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, classes=num_classes)
+        self.unet = smp.Unet(
+            encoder_name=encoder,
+            encoder_weights=None,
+            classes=num_classes,
+            decoder_channels=list(decoder_channels),
+        )
         torch.nn.init.constant_(
             self.unet.segmentation_head[0].bias, math.log(LESION_PRIOR / (1 - LESION_PRIOR))
         )
@@ -75,6 +84,7 @@ def build_model(settings: ModelSettings) -> MultiTaskUNet:
         encoder=settings.encoder,
         num_classes=len(settings.classes),
         reconstruction=settings.reconstruction_weight > 0,
+        decoder_channels=settings.decoder_channels,
     )
 
 
@@ -148,3 +158,14 @@ def load_encoder(model: MultiTaskUNet, path: Path) -> None:
             f"pretrain a {model.encoder_name!r} encoder"
         )
     load_matching_state(model.encoder, payload["encoder"], path, f"re-run pretrain; {fix}")
+
+
+def load_trained_model(weights: Path, model: ModelSettings, device: str = "cpu") -> MultiTaskUNet:
+    """The network the fine-tune stage wrote to `weights` (model.pt), in eval mode on `device`."""
+    network = build_model(model)
+    fix = "pass the model.pt of a finetune run made with the same model settings"
+    state = read_weights_file(weights, fix)
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights}: not a state_dict; {fix}")
+    load_matching_state(network, state, Path(weights), fix)
+    return network.to(device).eval()

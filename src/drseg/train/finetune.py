@@ -34,8 +34,6 @@ from drseg.models.unet import (
     MultiTaskUNet,
     build_model,
     load_encoder,
-    load_matching_state,
-    read_weights_file,
     state_mismatch,
 )
 from drseg.train.checkpoint_store import RemoteCheckpoint, UploadingCheckpointIO
@@ -406,14 +404,3 @@ def finetune(
         images_per_second=images_per_second,
         precision=str(trainer.precision),
     )
-
-
-def load_trained_model(weights: Path, model: ModelSettings, device: str = "cpu") -> MultiTaskUNet:
-    """The network finetune wrote to `weights` (model.pt), in eval mode on `device`."""
-    network = build_model(model)
-    fix = "pass the model.pt of a finetune run made with the same model settings"
-    state = read_weights_file(weights, fix)
-    if not isinstance(state, dict):
-        raise ValueError(f"{weights}: not a state_dict; {fix}")
-    load_matching_state(network, state, Path(weights), fix)
-    return network.to(device).eval()

@@ -1,7 +1,7 @@
-"""Spread of the fine-tune test's exudate Dice over seeds (tests/train/test_finetune.py).
+"""Spread of the fine-tune test's exudate AUPR over seeds (tests/train/test_finetune.py).
 
 Trains the test's 36-step EX-only recipe on the same six 256-px synthetic photographs once per
-seed and prints the EX Dice at 0.5 on the training photographs, as the test computes it. The
+seed and prints the EX AUPR on the training photographs, as the test computes it. The
 test's stated floor is half the lowest figure measured here (bench/RESULTS.md).
 
     .venv/bin/python bench/finetune_seed_spread.py --lr 1e-3 --seeds 0,1,2,3,4 [--threads 2]
@@ -25,7 +25,7 @@ from drseg.models.unet import load_trained_model
 from drseg.train.finetune import finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*: the test's recipe
-from tests.train.test_finetune import MODEL, SETTINGS, training_dice
+from tests.train.test_finetune import MODEL, SETTINGS, training_aupr
 
 
 def main() -> None:
@@ -45,10 +45,10 @@ def main() -> None:
             settings = SETTINGS.model_copy(update={"lr": args.lr, "seed": seed})
             started = time.perf_counter()
             result = finetune(work / "clahe", work / f"seed{seed}", MODEL, settings)
-            dice = training_dice(work / "clahe", load_trained_model(result.weights, MODEL))["EX"]
+            aupr = training_aupr(work / "clahe", load_trained_model(result.weights, MODEL))["EX"]
             print(
                 f"lr {args.lr:g}, threads {torch.get_num_threads()}, seed {seed}: "
-                f"EX Dice {dice:.3f} ({time.perf_counter() - started:.0f} s)",
+                f"EX AUPR {aupr:.3f} ({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
 

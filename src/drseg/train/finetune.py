@@ -13,12 +13,13 @@ segmentation-models-pytorch and OpenCV: it never imports MLflow or kfp.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,9 @@ PROGRESS_LINES = 10
 (kubectl logs, `drseg run`) get no progress bar."""
 POLY_POWER = 0.9
 LAST_CHECKPOINT = "last.ckpt"
+RECALIBRATION_STREAM = 1
+"""Appended to (seed, rank) for the patches of the BatchNorm recalibration: a stream of its
+own, apart from the training batches'."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,27 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if torch.cuda.is_available() or cpu_has_bf16_units() else "32-true"
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[Tensor]) -> int:
+    """Recompute every BatchNorm layer's running mean and variance as the plain average over
+    `batches` (forward passes only; "precise BN"); returns the number of batches seen."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+            seen += 1
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.train(was_training)
+    return seen
 
 
 class StepLoggedModule(pl.LightningModule):
@@ -253,6 +278,31 @@ class FinetuneModule(StepLoggedModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def recalibrate_batchnorm(self) -> None:
+        """Recompute BatchNorm's statistics on settings.batchnorm_batches batches of clean
+        patches drawn uniformly inside the field of view (FinetuneSettings.batchnorm_batches);
+        the same patches for the same seed, rank and data, so a resumed run ends equal."""
+        count = self.settings.batchnorm_batches
+        if count == 0:
+            return
+        sampling = dataclasses.replace(
+            self.sampling, foreground_fraction=0.0, reconstruction_input="clean"
+        )
+        key = (self.settings.seed, self.global_rank, RECALIBRATION_STREAM)
+
+        def patches() -> Iterator[Tensor]:
+            for number in range(count):
+                image = sample_batch(
+                    self.resident(), sampling, batch_generator(key, number, self.device)
+                )[0]
+                yield image.contiguous(memory_format=torch.channels_last)
+
+        with self.trainer.precision_plugin.forward_context():
+            recalibrate_batchnorm(self.model, patches())
+        pl.utilities.rank_zero_info(
+            f"BatchNorm statistics recomputed on {count} batches of uniform patches"
+        )
+
     def training_step(self, batch: int, batch_idx: int) -> Tensor:
         generator = batch_generator((self.settings.seed, self.global_rank), batch, self.device)
         image, masks, reconstruction_input = sample_batch(self.resident(), self.sampling, generator)
@@ -379,6 +429,7 @@ def finetune(
         network, load_train_split(dataset_dir, model.classes), model, settings, log_metrics
     )
     trainer = fit_resumable(module, out_dir, settings, storage=storage)
+    module.recalibrate_batchnorm()
     weights = out_dir / WEIGHTS_FILE
     if trainer.is_global_zero:
         buffer = io.BytesIO()

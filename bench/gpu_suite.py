@@ -347,7 +347,8 @@ def section_inference_modes(ctx: Context) -> dict[str, Any]:
         started = time.perf_counter()
         graph = ServedGraph(served, runner)
         out = ctx.work / "modes" / name.replace(" ", "-").replace("(", "").replace(")", "")
-        metrics = evaluate_dataset(graph, ctx.dataset, out, EvaluateSettings(), SCORED).metrics
+        settings = EvaluateSettings(overlays=0)  # figures only: the quality run drew them
+        metrics = evaluate_dataset(graph, ctx.dataset, out, settings, SCORED).metrics
         row = {f"aupr_{c}": m.aupr for c, m in metrics.classes.items()}
         row.update({f"dice_{c}": m.dice for c, m in metrics.classes.items()})
         figures[name] = {
@@ -443,9 +444,13 @@ def prepare_data(args: argparse.Namespace, profile: Profile, work: Path) -> tupl
         write_synthetic_dataset(source, n=8, seed=0, width=profile.width)
     else:
         source = Path(args.idrid)
-    settings = IngestSettings(working_width=profile.width, val_fraction=0.2, split_seed=0)
+    # The tiny run's eight photographs take less time than a worker pool takes to start.
+    workers = 1 if args.tiny else None
+    settings = IngestSettings(
+        working_width=profile.width, val_fraction=0.2, split_seed=0, workers=workers
+    )
     ingest(source, work / "ingested", settings)
-    clahe_dataset(work / "ingested", work / "clahe", ClaheSettings())
+    clahe_dataset(work / "ingested", work / "clahe", ClaheSettings(workers=workers))
     return work / "ingested", work / "clahe"
 
 

@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/drseg --config configs/local.yaml run
 
-# One worker per core, each file on one worker (its module fixtures built once).
+# One worker per core, each file on one worker (its module fixtures built once), the
+# longest files first (tests/conftest.py: SLOWEST_FIRST).
 test: setup
-	$(BIN)/pytest -n auto --dist loadfile
+	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/pytest -m "not integration"

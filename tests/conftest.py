@@ -16,6 +16,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+SLOWEST_FIRST = (
+    "pipelines/test_training_local.py",  # ~240 s on one core: three kfp.local pipeline runs
+    "train/test_finetune.py",  # ~130 s: the killed-and-resumed and the uninterrupted run
+    "bench/test_gpu_suite.py",  # ~80 s
+    "deploy/test_analysis_templates.py",
+    "data/test_ingest.py",
+    "train/test_pretrain.py",
+    "pipelines/test_compiled.py",
+    "integration/test_training_checkpoints.py",
+)
+"""Test files that take a minute or more (`make test` durations, 2 cores), longest first.
+pytest-xdist hands whole files to its workers in collection order (`make test` passes
+--dist loadfile --no-loadscope-reorder): a long file handed out last would run alone at
+the end while the other core idles."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.path.relative_to(TESTS).as_posix()
+        return SLOWEST_FIRST.index(path) if path in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
 IDRID = Path(os.environ.get("DRSEG_IDRID_DIR", REPO.parent / "shared" / "data" / "idrid"))
 
 

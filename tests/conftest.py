@@ -11,12 +11,13 @@ from drseg.data.synthetic import write_synthetic_dataset
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest-xdist worker per core: each computes on one thread (set
-    # before torch loads, and inherited by the subprocesses it starts), or two workers of a
-    # thread per core each would oversubscribe the cores many times over.
+    # before torch loads, and inherited by the subprocesses it starts). Otherwise every
+    # worker and subprocess would start a thread per core: many more threads than cores.
     os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+IDRID = Path(os.environ.get("DRSEG_IDRID_DIR", REPO.parent / "shared" / "data" / "idrid"))
 
 SLOWEST_FIRST = (
     "pipelines/test_training_local.py",  # ~240 s on one core: three kfp.local pipeline runs
@@ -36,11 +37,10 @@ the end while the other core idles."""
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
-        path = item.path.relative_to(TESTS).as_posix()
+        path = item.path.relative_to(TESTS).as_posix() if item.path.is_relative_to(TESTS) else ""
         return SLOWEST_FIRST.index(path) if path in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file and among the rest is kept
-IDRID = Path(os.environ.get("DRSEG_IDRID_DIR", REPO.parent / "shared" / "data" / "idrid"))
 
 
 @pytest.fixture(scope="session")

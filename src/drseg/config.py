@@ -133,8 +133,8 @@ class ModelSettings(Section):
     """Any segmentation-models-pytorch encoder; built with encoder_weights=None (no downloads)."""
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     """Width of the U-Net's five decoder stages, deepest first (smp's default). A narrower
-    decoder is the CPU profile's miniature: most of a step's time on a CPU is the decoder's
-    full-resolution convolutions."""
+    decoder is the CPU profile's miniature: the default one is ~40 % of a resnet18 U-Net's
+    training step on a CPU (bench/RESULTS.md)."""
     classes: tuple[str, ...] = LESION_CLASSES
     reconstruction_weight: float = Field(0.1, ge=0.0)
     """Weight of the reconstruction loss; 0 turns the reconstruction head off."""

@@ -74,7 +74,6 @@ sys.modules["mlflow"] = None
 sys.modules["kfp"] = None
 from pathlib import Path
 from drseg.config import FinetuneSettings, ModelSettings
-from drseg.evaluate.metrics import PixelCurves
 from drseg.train import finetune
 
 def log_metrics(metrics, step):

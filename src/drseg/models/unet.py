@@ -26,6 +26,7 @@ from torch import Tensor
 
 from drseg import atomic
 from drseg.config import ModelSettings
+from drseg.errors import UserError
 
 LESION_PRIOR = 0.01
 """Initial predicted lesion probability everywhere. Lesions cover ~1% of pixels or less
@@ -98,6 +99,11 @@ def save_encoder(model: MultiTaskUNet, path: Path, meta: dict[str, Any]) -> None
     atomic.write_bytes(Path(path), buffer.getvalue())
 
 
+class WeightsFileError(UserError, ValueError):
+    """A weights file that is unreadable or does not fit the model: the user's to fix (the
+    message names the file and how), not a bug."""
+
+
 def read_weights_file(path: Path, fix: str) -> Any:
     """torch.load a weights file (tensors and plain values only), with errors that name it."""
     path = Path(path)
@@ -106,7 +112,7 @@ def read_weights_file(path: Path, fix: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable weights file ({exc}); {fix}") from exc
+        raise WeightsFileError(f"{path}: not a readable weights file ({exc}); {fix}") from exc
 
 
 def _key_list(keys: list[str]) -> str:
@@ -138,21 +144,24 @@ def load_matching_state(
     """Load `state` (read from `path`) into `module` only if every key and shape matches."""
     problem = state_mismatch(module, state)
     if problem is not None:
-        raise ValueError(f"{path}: weights do not fit the model ({problem}); {fix}")
+        raise WeightsFileError(f"{path}: weights do not fit the model ({problem}); {fix}")
     module.load_state_dict(state, strict=True)
 
 
 def load_encoder(model: MultiTaskUNet, path: Path) -> None:
     """Load encoder weights written by `save_encoder`; every tensor must match, or nothing loads."""
-    fix = "pass the encoder.pt the pretrain stage wrote, or set finetune.init to random"
+    fix = (
+        "pass the encoder.pt the pretrain stage wrote, or set pretrain.enabled to false "
+        "(random initialisation)"
+    )
     payload = read_weights_file(path, fix)
     if not isinstance(payload, dict) or not {"encoder", "encoder_name"} <= payload.keys():
-        raise ValueError(
+        raise WeightsFileError(
             f"{path}: not an encoder weights file (no 'encoder' and 'encoder_name' entries, "
             f"which save_encoder writes); {fix}"
         )
     if payload["encoder_name"] != model.encoder_name:
-        raise ValueError(
+        raise WeightsFileError(
             f"{path}: weights are for encoder {payload['encoder_name']!r} but the model uses "
             f"{model.encoder_name!r}; set model.encoder to {payload['encoder_name']!r} or "
             f"pretrain a {model.encoder_name!r} encoder"
@@ -166,6 +175,6 @@ def load_trained_model(weights: Path, model: ModelSettings, device: str = "cpu")
     fix = "pass the model.pt of a finetune run made with the same model settings"
     state = read_weights_file(weights, fix)
     if not isinstance(state, dict):
-        raise ValueError(f"{weights}: not a state_dict; {fix}")
+        raise WeightsFileError(f"{weights}: not a state_dict; {fix}")
     load_matching_state(network, state, Path(weights), fix)
     return network.to(device).eval()

@@ -7,6 +7,10 @@ does. Reconstruction runs from the clean patch in both, so the work per step is 
 The first step of each is a warm-up and is not counted.
 
     python bench/train_throughput.py [--encoder resnet34] [--patch 512] [--batch 4] [--steps 6]
+        [--decoder-channels 64,32,16,16,8] [--precision auto|32-true|bf16-mixed]
+
+`make run`'s CPU model: --encoder mobilenet_v2 --decoder-channels 64,32,16,16,8 --patch 160
+--batch 6.
 """
 
 from __future__ import annotations
@@ -90,11 +94,19 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--decoder-channels",
+        type=lambda text: tuple(int(width) for width in text.split(",")),
+        default=ModelSettings().decoder_channels,
+        help="five decoder widths, comma-separated (default: smp's)",
+    )
+    parser.add_argument("--precision", choices=("auto", "32-true", "bf16-mixed"), default="auto")
     args = parser.parse_args()
-    model_settings = ModelSettings(encoder=args.encoder)
+    model_settings = ModelSettings(encoder=args.encoder, decoder_channels=args.decoder_channels)
     settings = FinetuneSettings(
         patch_size=args.patch,
         batch_size=args.batch,
+        precision=args.precision,
         reconstruction_input="clean",
         checkpoint_every=10_000,
     )
@@ -102,6 +114,7 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; {args.encoder}, "
+        f"decoder {args.decoder_channels}, {resolve_precision(args.precision)}, "
         f"batch {args.batch} x {args.patch}x{args.patch}, {args.steps} timed steps"
     )
     plain = plain_loop(model_settings, settings, args.steps)

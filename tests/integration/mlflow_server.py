@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.s3_server import S3Server, _log_tail, create_writable_bucket
+from tests.integration.s3_server import S3Server, _log_tail
 from tests.ports import free_ports
 
 READY_TIMEOUT_S = 90.0
@@ -91,7 +91,7 @@ def mlflow_server(
         pytest.skip(f"mlflow CLI not found next to {sys.executable} (install the mlflow package)")
     base = tmp_path_factory.mktemp("mlflow-server")
     bucket = f"drseg-mlflow-{uuid.uuid4().hex[:12]}"
-    create_writable_bucket(s3_server, bucket)
+    s3_server.client().create_bucket(Bucket=bucket)
     [port] = free_ports(1)
     env = {
         **os.environ,

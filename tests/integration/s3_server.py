@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from drseg.config import StorageSettings
@@ -155,37 +154,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         _stop(proc, [grpc for _, grpc in ports.values()])
 
 
-def create_writable_bucket(server: S3Server, name: str) -> None:
-    """Create bucket `name` and return once it takes a write; it is left empty.
-
-    SeaweedFS keeps each bucket in its own collection and grows the collection's volumes on
-    the bucket's first write; on a loaded machine that first write can fail with
-    InternalError (seen once in five clean-clone runs of `make test`). A probe object,
-    retried until READY_TIMEOUT_S and then deleted, makes every test start from a bucket
-    that is ready, so none depends on the machine's load.
-    """
-    client = server.client()
-    client.create_bucket(Bucket=name)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        try:
-            client.put_object(Bucket=name, Key=".drseg-ready", Body=b"")
-            client.delete_object(Bucket=name, Key=".drseg-ready")
-            return
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "InternalError":
-                raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"SeaweedFS bucket {name} took no write for {READY_TIMEOUT_S:.0f} s"
-                ) from exc
-            time.sleep(0.2)
-
-
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> str:
-    """A fresh, empty, writable bucket for each test, so tests never see each other's
-    objects."""
+    """A fresh, empty bucket for each test, so tests never see each other's objects."""
     name = f"drseg-test-{uuid.uuid4().hex[:12]}"
-    create_writable_bucket(s3_server, name)
+    s3_server.client().create_bucket(Bucket=name)
     return name
